@@ -1,0 +1,64 @@
+"""FP8 E4M3 (`torch.float8_e4m3fn`, max 448) with a float32 scale = amax / 448.
+
+Per-tensor, per-expert and per-channel scales are all the same call: amax covers a
+prefix of x's dims (scalar, [E], [..., N]). Activations use the same function with a
+static per-tensor amax from calibration. Matches compressed-tensors' float-quantized
+arithmetic (x / scale, clamp, cast), validated bit-exact in tests/formats/test_crosscheck.py.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+from ._checks import check_input, expand_amax
+
+E4M3_MAX = 448.0
+
+
+class FP8Tensor(NamedTuple):
+    codes: torch.Tensor  # float8_e4m3fn, x's shape
+    scale: torch.Tensor  # float32, the shape of amax
+
+
+def scale_from_amax(amax) -> torch.Tensor:
+    """amax / 448, or 1 where amax == 0 (an all-zero tensor keeps a usable scale)."""
+    amax = torch.as_tensor(amax, dtype=torch.float32)
+    return torch.where(amax > 0, amax / E4M3_MAX, torch.ones_like(amax))
+
+
+def _quantize_with_scale(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return (x.float() / scale).clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn)
+
+
+def quantize(x: torch.Tensor, amax) -> FP8Tensor:
+    check_input(x, 1)
+    amax = torch.as_tensor(amax, dtype=torch.float32, device=x.device)
+    s = scale_from_amax(expand_amax(amax, x))
+    return FP8Tensor(_quantize_with_scale(x, s), s.reshape(amax.shape))
+
+
+def dequantize(codes: torch.Tensor, scale, dtype=torch.float32) -> torch.Tensor:
+    s = torch.as_tensor(scale, dtype=torch.float32, device=codes.device)
+    s = s.reshape(tuple(s.shape) + (1,) * (codes.dim() - s.dim()))
+    return (codes.float() * s).to(dtype)
+
+
+def fake_quant_with_scale(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """Hot-path fake quant (no input checks); scale already broadcastable against x."""
+    return (_quantize_with_scale(x, scale).float() * scale).to(x.dtype)
+
+
+def fake_quant(x: torch.Tensor, amax) -> torch.Tensor:
+    check_input(x, 1)
+    return fake_quant_with_scale(x, scale_from_amax(expand_amax(amax, x)))
+
+
+def pack(codes: torch.Tensor) -> torch.Tensor:
+    """FP8 is stored as-is (one byte per element); identity, for a uniform format API."""
+    return codes
+
+
+def unpack(packed: torch.Tensor) -> torch.Tensor:
+    return packed

@@ -1,0 +1,78 @@
+"""INT4 symmetric group-wise weights, compressed-tensors `pack-quantized`.
+
+scale = group_amax / 7.5 (compressed-tensors' symmetric range: (7 - (-8)) / 2), codes
+q = clamp(round(x / scale), -8, 7); dequant q * scale. Scales are stored in `scale_dtype`
+(default: x's dtype, as compressed-tensors stores them); an all-zero group gets scale 1.
+The division is done in float32 (compressed-tensors divides in x's dtype, so for bf16
+inputs a quotient within one bf16 ulp of .5 may round the other way; float32 inputs are
+bit-exact, see tests/formats/test_crosscheck.py).
+Packing: 8 codes per int32, code i at bits 4*i (LSB first), stored offset-binary q + 8.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+from ._checks import check_input
+
+GROUP_SIZE = 128
+QMIN, QMAX = -8, 7
+_HALF_RANGE = (QMAX - QMIN) / 2  # 7.5
+
+
+class Int4Tensor(NamedTuple):
+    codes: torch.Tensor  # int8 in [-8, 7], x's shape
+    scale: torch.Tensor  # scale_dtype [..., N, K / group_size]
+
+
+def _group_scale(x: torch.Tensor, group_size: int, scale_dtype) -> torch.Tensor:
+    gamax = x.unflatten(-1, (x.shape[-1] // group_size, group_size)).abs().amax(dim=-1)
+    scale = (gamax.float() / _HALF_RANGE).to(scale_dtype or x.dtype)
+    return torch.where(scale == 0, torch.ones_like(scale), scale)
+
+
+def _codes(x: torch.Tensor, scale: torch.Tensor, group_size: int) -> torch.Tensor:
+    xg = x.float().unflatten(-1, (x.shape[-1] // group_size, group_size))
+    q = torch.round(xg / scale.float().unsqueeze(-1)).clamp(QMIN, QMAX)
+    return q.flatten(-2).to(torch.int8)
+
+
+def quantize(x: torch.Tensor, group_size: int = GROUP_SIZE, scale_dtype=None) -> Int4Tensor:
+    """x [..., N, K] -> codes int8 [..., N, K], scale [..., N, K/group_size]."""
+    check_input(x, group_size)
+    scale = _group_scale(x, group_size, scale_dtype)
+    return Int4Tensor(_codes(x, scale, group_size), scale)
+
+
+def dequantize(codes: torch.Tensor, scale: torch.Tensor, dtype=torch.float32) -> torch.Tensor:
+    group_size = codes.shape[-1] // scale.shape[-1]
+    q = codes.to(scale.dtype).unflatten(-1, (scale.shape[-1], group_size))
+    return (q * scale.unsqueeze(-1)).flatten(-2).to(dtype)
+
+
+def fake_quant(x: torch.Tensor, group_size: int = GROUP_SIZE, scale_dtype=None) -> torch.Tensor:
+    q = quantize(x, group_size, scale_dtype)
+    return dequantize(q.codes, q.scale, x.dtype)
+
+
+def pack(codes: torch.Tensor) -> torch.Tensor:
+    """int8 codes [..., K] -> int32 [..., K/8]; code i of each 8 at bits 4*i, as q + 8."""
+    if codes.dtype != torch.int8:
+        raise TypeError(f"INT4 codes must be int8, got {codes.dtype}")
+    if codes.shape[-1] % 8:
+        raise ValueError(f"cannot pack {codes.shape[-1]} INT4 codes along the last dim; need a multiple of 8")
+    u = (codes.to(torch.int64) + 8).unflatten(-1, (codes.shape[-1] // 8, 8))
+    shifts = torch.arange(0, 32, 4, dtype=torch.int64, device=codes.device)
+    word = (u << shifts).sum(dim=-1)
+    return torch.where(word >= 2**31, word - 2**32, word).to(torch.int32)
+
+
+def unpack(packed: torch.Tensor) -> torch.Tensor:
+    """int32 [..., K/8] -> int8 codes [..., K]."""
+    if packed.dtype != torch.int32:
+        raise TypeError(f"packed INT4 must be int32, got {packed.dtype}")
+    shifts = torch.arange(0, 32, 4, dtype=torch.int64, device=packed.device)
+    u = (packed.to(torch.int64).unsqueeze(-1) >> shifts) & 0xF
+    return (u - 8).flatten(-2).to(torch.int8)

@@ -1,0 +1,93 @@
+"""NVFP4: FP4 E2M1 elements, one E4M3 scale per 16 elements along K, one FP32 global scale.
+
+Both on-disk conventions come from this one implementation:
+- ModelOpt: `weight_scale_2` / `input_scale` = `scale_2(amax)` = amax / (6 * 448)
+- compressed-tensors: `weight_global_scale` / `input_global_scale` = `global_scale(amax)`
+  = 1 / scale_2(amax), exactly what compressed-tensors' ModelOpt converter computes, so
+  the two exports carry identical codes and block scales.
+Arithmetic follows compressed-tensors (block scale = gs * (block_amax / 6), effective
+scale = block_scale / gs), validated bit-exact against that package in
+tests/formats/test_crosscheck.py. Edge cases follow ModelOpt: block scales are floored at
+2**-9 (the smallest E4M3 denormal) and an all-zero block gets scale 1 (codes 0).
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+from . import fp4
+from ._checks import check_input, expand_amax
+
+BLOCK_SIZE = 16
+E4M3_MAX = 448.0
+SCALE_FLOOR = 2.0**-9
+
+
+class NVFP4Tensor(NamedTuple):
+    codes: torch.Tensor  # uint8 [..., N, K], E2M1 codes (unpacked)
+    block_scale: torch.Tensor  # float8_e4m3fn [..., N, K / 16]
+    global_scale: torch.Tensor  # float32, the shape of amax
+
+
+def scale_2(amax: torch.Tensor) -> torch.Tensor:
+    """ModelOpt per-tensor scale: amax / 2688 (1 where amax == 0, so it stays usable)."""
+    amax = torch.as_tensor(amax, dtype=torch.float32)
+    return torch.where(amax > 0, amax / (fp4.FP4_MAX * E4M3_MAX), torch.ones_like(amax))
+
+
+def global_scale(amax: torch.Tensor) -> torch.Tensor:
+    """compressed-tensors global scale: 1 / scale_2(amax)."""
+    return 1.0 / scale_2(amax)
+
+
+def _blocks(x: torch.Tensor, block_size: int) -> torch.Tensor:
+    return x.float().unflatten(-1, (x.shape[-1] // block_size, block_size))
+
+
+def _quantize(x: torch.Tensor, gs: torch.Tensor, block_size: int) -> NVFP4Tensor:
+    xb = _blocks(x, block_size)  # [..., N, K/B, B]
+    block_amax = xb.abs().amax(dim=-1)  # [..., N, K/B]
+    bs = (gs * (block_amax / fp4.FP4_MAX)).clamp(SCALE_FLOOR, E4M3_MAX).to(torch.float8_e4m3fn)
+    bs = torch.where(block_amax == 0, torch.ones_like(bs), bs)
+    eff = bs.float() / gs
+    codes = fp4.round_to_codes((xb / eff.unsqueeze(-1)).clamp(-fp4.FP4_MAX, fp4.FP4_MAX))
+    return NVFP4Tensor(codes.flatten(-2), bs, gs)
+
+
+def quantize(x: torch.Tensor, amax, block_size: int = BLOCK_SIZE) -> NVFP4Tensor:
+    """Quantize x [..., N, K] with per-tensor amax covering a prefix of x's dims."""
+    check_input(x, block_size)
+    amax = torch.as_tensor(amax, dtype=torch.float32, device=x.device)
+    q = _quantize(x, global_scale(expand_amax(amax, x)), block_size)
+    return q._replace(global_scale=q.global_scale.reshape(amax.shape))
+
+
+def dequantize(codes, block_scale, global_scale, dtype=torch.float32, block_size: int = BLOCK_SIZE):
+    """codes [..., N, K] uint8, block_scale [..., N, K/B], global_scale (prefix shape) -> [..., N, K]."""
+    vals = fp4.decode(codes).unflatten(-1, (codes.shape[-1] // block_size, block_size))
+    gs = torch.as_tensor(global_scale, dtype=torch.float32, device=codes.device)
+    gs = gs.reshape(tuple(gs.shape) + (1,) * (block_scale.dim() - gs.dim()))
+    eff = block_scale.float() / gs
+    return (vals * eff.unsqueeze(-1)).flatten(-2).to(dtype)
+
+
+def fake_quant_with_global_scale(x: torch.Tensor, gs: torch.Tensor, block_size: int = BLOCK_SIZE) -> torch.Tensor:
+    """Hot-path fake quant (no input checks); gs already shaped to broadcast against x."""
+    xb = _blocks(x, block_size)
+    block_amax = xb.abs().amax(dim=-1, keepdim=True)
+    bs = (gs.unsqueeze(-1) * (block_amax / fp4.FP4_MAX)).clamp(SCALE_FLOOR, E4M3_MAX).to(torch.float8_e4m3fn)
+    eff = torch.where(block_amax == 0, 1.0, bs.float()) / gs.unsqueeze(-1)
+    codes = fp4.round_to_codes((xb / eff).clamp(-fp4.FP4_MAX, fp4.FP4_MAX))
+    return (fp4.decode(codes) * eff).flatten(-2).to(x.dtype)
+
+
+def fake_quant(x: torch.Tensor, amax, block_size: int = BLOCK_SIZE) -> torch.Tensor:
+    """dequantize(quantize(x)), bit-exactly, in x's dtype."""
+    check_input(x, block_size)
+    return fake_quant_with_global_scale(x, global_scale(expand_amax(amax, x)), block_size)
+
+
+pack = fp4.pack
+unpack = fp4.unpack
