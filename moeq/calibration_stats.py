@@ -1,0 +1,157 @@
+"""Per-module calibration statistics and the quantized state derived from them.
+
+Per-expert state is stacked: `in_amax[proj]` is [E] float32, `tokens` is [E] int64,
+updated with vectorized scatter ops (no Python loop over experts). Statistics are
+collected on the unquantized model (max calibration); `finalize` then computes the
+weight amax per expert (gate and up halves separately, shared by the pair), caches the
+fake-quant weights once, and fixes the static input scale parameters.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .quantizer import fake_quant_input, fake_quant_weight, input_scale_param
+from .recipes import Recipe
+from .targets import ExpertsTarget, LinearTarget
+
+# Bound on the [experts, tokens, N] intermediate of calibrate-all-experts mode.
+_ALL_EXPERTS_CHUNK_ELEMS = 1 << 25
+
+
+def _rows_to_ids(rows, n_rows: int, num_experts: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Grouped-mm offsets -> (expert id per row, valid mask); rows past offs[-1] are invalid."""
+    offs = rows[1].to(torch.int64)
+    ids = torch.searchsorted(offs, torch.arange(n_rows, device=device), right=True)
+    valid = ids < num_experts
+    return ids.clamp(max=num_experts - 1), valid
+
+
+class ExpertsState:
+    def __init__(self, target: ExpertsTarget, recipe: Recipe):
+        self.target, self.recipe = target, recipe
+        w = target.param(target.projs[1])
+        E = target.num_experts
+        self.in_amax = {p: torch.zeros(E, dtype=torch.float32, device=w.device) for p in target.projs}
+        self.tokens = torch.zeros(E, dtype=torch.int64, device=w.device)
+        self.all_experts_tokens = 0
+        self.calls = 0
+        self.mode = "calibrate"
+        self.stored_kn = target.is_transposed
+        self.w_amax: dict[str, torch.Tensor] = {}
+        self.gate_amax = self.up_amax = None
+        self.fq_weight: dict[str, torch.Tensor] = {}
+        self.in_param: dict[str, torch.Tensor] = {}
+
+    @torch.no_grad()
+    def observe(self, proj: str, xk: torch.Tensor, rows) -> None:
+        """xk: the matmul input with K last; rows: ("one", e) | ("ids", [S]) | ("offs", offsets)."""
+        kind, r = rows
+        amax, first = self.in_amax[proj], proj == self.target.projs[0]
+        if kind == "one":
+            amax[r] = torch.maximum(amax[r], xk.abs().amax().float())
+            if first:
+                self.tokens[r] += xk.numel() // max(xk.shape[-1], 1)
+        else:
+            per_row = xk.abs().flatten(1).amax(1).float() if kind == "ids" else xk.abs().amax(-1).float()
+            if kind == "ids":
+                ids, valid = r.long(), None
+            else:
+                ids, valid = _rows_to_ids(rows, xk.shape[0], self.target.num_experts, xk.device)
+                per_row = per_row * valid
+            amax.scatter_reduce_(0, ids, per_row, "amax")
+            if first:
+                ones = torch.ones_like(ids) if valid is None else valid.long()
+                self.tokens.scatter_add_(0, ids, ones)
+        self.calls += 1
+
+    @torch.no_grad()
+    def observe_all_experts(self, hidden: torch.Tensor) -> None:
+        """Every expert's input statistics see every token (the routed output is unchanged)."""
+        t, m = self.target, self.target.module
+        first, down = t.projs
+        x = hidden.reshape(-1, hidden.shape[-1])
+        self.in_amax[first].clamp_(min=x.abs().amax().float())
+        w = t.nk(first)  # [E, N, K]
+        bias = getattr(m, f"{first}_bias", None) if getattr(m, "has_bias", False) else None
+        step = max(1, _ALL_EXPERTS_CHUNK_ELEMS // max(1, x.shape[0] * w.shape[1]))
+        for s in range(0, t.num_experts, step):
+            h = torch.matmul(x, w[s:s + step].transpose(-1, -2))  # [c, T, N]
+            if bias is not None:
+                h = h + bias[s:s + step].unsqueeze(1)
+            h = m._apply_gate(h) if t.has_gate else m.act_fn(h)
+            cur = self.in_amax[down][s:s + step]
+            torch.maximum(cur, h.abs().amax(dim=(1, 2)).float(), out=cur)
+        self.all_experts_tokens += x.shape[0]
+
+    @torch.no_grad()
+    def finalize(self) -> None:
+        t, r = self.target, self.recipe
+        for p in t.projs:
+            w = t.nk(p).detach()
+            amax = w.abs().amax(dim=(1, 2)).float()
+            if p == t.projs[0] and t.has_gate:
+                g, u = t.gate_up_rows(w.shape[1])
+                self.gate_amax = w[:, g].abs().amax(dim=(1, 2)).float()
+                self.up_amax = w[:, u].abs().amax(dim=(1, 2)).float()
+                amax = torch.maximum(self.gate_amax, self.up_amax)  # one global scale per pair
+            self.w_amax[p] = amax
+            self.fq_weight[p] = t.from_nk(fake_quant_weight(r, w, amax)).to(w.dtype)
+            if r.input is not None:
+                self.in_param[p] = input_scale_param(r, self.input_amax(p))
+        self.mode = "quantize"
+
+    def input_amax(self, proj: str) -> torch.Tensor:
+        """Layer-shared input amax (max over experts), or per expert with the layer max
+        filled in for experts that saw no tokens (never 0)."""
+        a = self.in_amax[proj]
+        layer = a.max()
+        if not self.recipe.per_expert_input_scales:
+            return layer
+        return torch.where(a > 0, a, layer)
+
+    def fake_quant_input(self, proj: str, xk: torch.Tensor, rows) -> torch.Tensor:
+        if self.recipe.input is None:
+            return xk
+        prm = self.in_param[proj]
+        if prm.dim() > 0:
+            kind, r = rows
+            if kind == "one":
+                prm = prm[r]
+            else:
+                ids = r.long() if kind == "ids" else _rows_to_ids(rows, xk.shape[0], self.target.num_experts, xk.device)[0]
+                prm = prm[ids].reshape((-1,) + (1,) * (xk.dim() - 1))
+        return fake_quant_input(self.recipe, xk, prm)
+
+
+class LinearState:
+    def __init__(self, target: LinearTarget, recipe: Recipe):
+        self.target, self.recipe = target, recipe
+        w = target.module.weight
+        self.in_amax = torch.zeros((), dtype=torch.float32, device=w.device)
+        self.calls = 0
+        self.mode = "calibrate"
+        self.stored_kn = False
+        self.w_amax: torch.Tensor | None = None
+        self.fq_weight: dict[str, torch.Tensor] = {}
+        self.in_param: torch.Tensor | None = None
+
+    @torch.no_grad()
+    def observe(self, x: torch.Tensor) -> None:
+        torch.maximum(self.in_amax, x.abs().amax().float(), out=self.in_amax)
+        self.calls += 1
+
+    @torch.no_grad()
+    def finalize(self, w_amax: torch.Tensor, in_amax: torch.Tensor) -> None:
+        """w_amax / in_amax: shared over the sibling group (q/k/v, gate/up)."""
+        w = self.target.module.weight.detach()
+        self.w_amax, self.shared_in_amax = w_amax, in_amax
+        self.fq_weight["weight"] = fake_quant_weight(self.recipe, w, w_amax).to(w.dtype)
+        if self.recipe.input is not None:
+            self.in_param = input_scale_param(self.recipe, in_amax)
+        self.mode = "quantize"
+
+    def fake_quant_input(self, x: torch.Tensor) -> torch.Tensor:
+        if self.recipe.input is None:
+            return x
+        return fake_quant_input(self.recipe, x, self.in_param)

@@ -1,0 +1,209 @@
+"""`moeq.quantize`: find targets, calibrate through the unmodified forward, fake-quantize.
+
+    report = moeq.quantize(model, "nvfp4", calib_data)   # in place; model(...) is now fake-quant
+
+The model keeps its own forward and experts implementation; interception hooks stay
+attached (they are what applies the fake-quant weights and inputs) and the session is
+kept on `model.moeq_session` for export.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .calibration_stats import ExpertsState, LinearState
+from .interception import ExpertsIntercept, Hooks, LinearIntercept
+from .recipes import Recipe, get_recipe
+from .targets import CoverageError, Targets, find_targets
+
+log = logging.getLogger("moeq")
+SESSION_ATTR = "moeq_session"
+
+
+@dataclass
+class QuantReport:
+    recipe: str
+    quantized: list[str]
+    excluded: list[str]
+    tokens_per_expert: dict[str, list[int]]  # routed calibration tokens, per experts module
+    never_routed: dict[str, list[int]]
+    calib_tokens: int = 0
+    calib_batches: int = 0
+    calib_seconds: float = 0.0
+    calib_all_experts: bool = False
+    warnings: list[str] = field(default_factory=list)
+
+    def summary(self) -> str:
+        n_never = sum(len(v) for v in self.never_routed.values())
+        lines = [
+            f"recipe {self.recipe}: {len(self.quantized)} modules quantized, {len(self.excluded)} excluded",
+            f"calibration: {self.calib_tokens} tokens in {self.calib_batches} batches, {self.calib_seconds:.2f}s"
+            + (" (all-experts statistics)" if self.calib_all_experts else ""),
+            f"experts never routed: {n_never}"
+            + "".join(f"\n  {k}: {v}" for k, v in self.never_routed.items() if v),
+        ]
+        return "\n".join(lines + [f"warning: {w}" for w in self.warnings])
+
+
+class Session:
+    """Everything moeq attached to one model: recipe, targets, per-module state, hooks."""
+
+    def __init__(self, model: nn.Module, recipe: Recipe, targets: Targets):
+        self.model, self.recipe, self.targets = model, recipe, targets
+        self.experts = [ExpertsState(t, recipe) for t in targets.experts]
+        self.linears = {t.name: LinearState(t, recipe) for t in targets.linears}
+        self.hooks = Hooks()
+        self.report: QuantReport | None = None
+
+    def attach(self, calib_all_experts: bool) -> None:
+        for st in self.experts:
+            before = None
+            if calib_all_experts:
+                def before(args, kwargs, st=st):
+                    if st.mode == "calibrate":
+                        st.observe_all_experts(kwargs.get("hidden_states", args[0] if args else None))
+            self.hooks.attach(st.target.module, lambda st=st: ExpertsIntercept(st), before)
+        for st in self.linears.values():
+            self.hooks.attach(st.target.module, lambda st=st: LinearIntercept(st))
+
+    def detach(self) -> None:
+        self.hooks.remove()
+
+    def finalize(self) -> None:
+        for st in self.experts:
+            st.finalize()
+        for st in self.linears.values():
+            group = [self.linears[n] for n in st.target.group]
+            w_amax = torch.stack([g.target.module.weight.detach().abs().amax().float() for g in group]).max()
+            in_amax = torch.stack([g.in_amax for g in group]).max()
+            st.finalize(w_amax, in_amax)
+
+
+def _check_shapes(targets: Targets, recipe: Recipe) -> None:
+    bad = []
+    for t in targets.experts:
+        for p in t.projs:
+            k = t.nk(p).shape[-1]
+            if k % recipe.block:
+                bad.append(f"{t.name}.{p} (K={k})")
+    for t in targets.linears:
+        if t.module.in_features % recipe.block:
+            bad.append(f"{t.name} (K={t.module.in_features})")
+    if bad:
+        raise ValueError(
+            f"recipe {recipe.name} needs the input dim K divisible by {recipe.block}, but these are not: "
+            + ", ".join(bad) + ". Exclude them (Recipe.with_exclude(add=[...])) or choose another recipe."
+        )
+
+
+def _batches(calib_data, model: nn.Module):
+    emb = model.get_input_embeddings()
+    vocab, device = emb.num_embeddings, emb.weight.device
+    for item in calib_data:
+        if isinstance(item, torch.Tensor):
+            item = {"input_ids": item}
+        elif not isinstance(item, dict) or "input_ids" not in item:
+            raise TypeError("calibration items must be LongTensors [B, T] or dicts with 'input_ids'")
+        ids = item["input_ids"]
+        if ids.dtype not in (torch.int64, torch.int32) or ids.dim() != 2 or ids.numel() == 0:
+            raise ValueError(f"calibration input_ids must be a non-empty integer tensor [B, T], got {ids.dtype} {tuple(ids.shape)}")
+        if int(ids.min()) < 0 or int(ids.max()) >= vocab:
+            raise ValueError(f"calibration token ids must lie in [0, {vocab}) (the model's vocabulary); got {int(ids.min())}..{int(ids.max())}")
+        yield {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in item.items()}
+
+
+@torch.no_grad()
+def _calibrate(model, calib_data, report: QuantReport, progress: bool) -> None:
+    t0 = time.perf_counter()
+    total = len(calib_data) if hasattr(calib_data, "__len__") else None
+    for batch in tqdm(_batches(calib_data, model), total=total, desc="calibrating", disable=not progress, unit="batch"):
+        model(**batch, use_cache=False)
+        report.calib_batches += 1
+        report.calib_tokens += int(batch["input_ids"].numel())
+    report.calib_seconds = time.perf_counter() - t0
+    if report.calib_batches == 0:
+        raise ValueError("calibration data is empty; pass at least one batch of input_ids")
+
+
+def quantize(
+    model: nn.Module,
+    recipe: "str | Recipe" = "nvfp4",
+    calib_data: Iterable | None = None,
+    *,
+    calib_all_experts: bool = False,
+    progress: bool = True,
+) -> QuantReport:
+    """Quantize `model` in place (fake-quant) and return a report.
+
+    calib_data: iterable of input_ids LongTensors [B, T] or dicts with input_ids /
+    attention_mask. Required when the recipe quantizes inputs; optional for weight-only
+    recipes (then only token coverage is missing from the report).
+    """
+    recipe = get_recipe(recipe)
+    if getattr(model, SESSION_ATTR, None) is not None:
+        raise RuntimeError("this model is already quantized by moeq; load a fresh copy to quantize again")
+    targets = find_targets(model, recipe)
+    if not targets.experts and not targets.linears:
+        raise ValueError(f"nothing to quantize in {type(model).__name__}: no fused experts and no nn.Linear outside the exclude patterns")
+    _check_shapes(targets, recipe)
+    if calib_data is None and recipe.input is not None:
+        raise ValueError(f"recipe {recipe.name} quantizes activations and needs calib_data for their scales")
+
+    session = Session(model, recipe, targets)
+    report = QuantReport(
+        recipe.name,
+        quantized=[t.name for t in targets.experts] + [t.name for t in targets.linears],
+        excluded=list(targets.excluded),
+        tokens_per_expert={}, never_routed={}, calib_all_experts=calib_all_experts,
+    )
+    session.attach(calib_all_experts)
+    try:
+        if calib_data is not None:
+            was_training = model.training
+            model.eval()
+            try:
+                _calibrate(model, calib_data, report, progress)
+            finally:
+                model.train(was_training)
+        _check_coverage(session, report, calibrated=calib_data is not None)
+        session.finalize()
+    except BaseException:
+        session.detach()
+        raise
+    for st in session.experts:
+        counts = st.tokens.tolist()
+        report.tokens_per_expert[st.target.name] = counts
+        never = [e for e, c in enumerate(counts) if c == 0]
+        report.never_routed[st.target.name] = never
+    n_never = sum(len(v) for v in report.never_routed.values())
+    if n_never and calib_data is not None:
+        msg = (f"{n_never} experts saw no calibration tokens"
+               + (" (their statistics come from calibrate-all-experts mode)" if calib_all_experts
+                  else "; their input scales fall back to the layer maximum. Use more data or calib_all_experts=True"))
+        report.warnings.append(msg)
+        log.warning(msg)
+    session.report = report
+    setattr(model, SESSION_ATTR, session)
+    return report
+
+
+def _check_coverage(session: Session, report: QuantReport, calibrated: bool) -> None:
+    """Every quantized module must have been seen by its interceptor during calibration."""
+    if not calibrated:
+        return
+    unseen = [st.target.name for st in session.experts if st.calls == 0]
+    unseen += [n for n, st in session.linears.items() if st.calls == 0]
+    if not unseen:
+        return
+    msg = ("these modules never ran a recognized op during calibration: " + ", ".join(unseen))
+    if session.recipe.input is not None:
+        raise CoverageError(msg + ". Their input scales cannot be calibrated; exclude them or use calibration data that reaches them.")
+    report.warnings.append(msg + " (weight-only recipe: weights are still quantized)")
+    log.warning(report.warnings[-1])

@@ -1,0 +1,88 @@
+"""Recipes: which number format goes to weights and to inputs, and what is left alone.
+
+A recipe is a small frozen dataclass; presets cover the formats serving engines run:
+
+    Recipe("nvfp4", weight="nvfp4", input="nvfp4")   # W4A4, block 16 along K
+    Recipe("w4a16-int4", weight="int4", group_size=128)
+
+Exclude patterns are fnmatch patterns on module names (`model.layers.0.mlp.gate`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from fnmatch import fnmatchcase
+
+# Routers (`*.gate`, `*.router`) must stay in full precision AND be named in the export's
+# exclude list, or vLLM tries to load them as quantized weights. Linear-attention a/b
+# projections and shared-expert gates have tiny output dims (heads / 1) and are not worth it.
+DEFAULT_EXCLUDE = (
+    "lm_head",
+    "*embed_tokens*",
+    "*.gate",
+    "*.router",
+    "*shared_expert_gate",
+    "*conv1d*",
+    "*in_proj_a",
+    "*in_proj_b",
+)
+
+FORMATS = ("nvfp4", "fp8", "int4")
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """What each quantized weight and its input become.
+
+    weight: "nvfp4" | "fp8" | "int4"
+    input: "nvfp4" | "fp8" | None (None = weight-only, activations stay full precision)
+    group_size: elements per scale along K (16 for nvfp4, 128 for int4; unused for fp8)
+    exclude: fnmatch patterns of module names left unquantized
+    per_expert_input_scales: default False = one input scale per layer and projection
+        (the max over experts, what vLLM's fused MoE kernels use)
+    """
+
+    name: str
+    weight: str
+    input: str | None = None
+    group_size: int = 16
+    exclude: tuple[str, ...] = DEFAULT_EXCLUDE
+    per_expert_input_scales: bool = False
+
+    def __post_init__(self):
+        if self.weight not in FORMATS:
+            raise ValueError(f"unknown weight format {self.weight!r}; choose one of {FORMATS}")
+        if self.input not in (None, "nvfp4", "fp8"):
+            raise ValueError(f"unknown input format {self.input!r}; choose 'nvfp4', 'fp8' or None")
+        if self.weight == "nvfp4" and self.group_size != 16:
+            raise ValueError("NVFP4 uses blocks of 16 elements; group_size must be 16")
+
+    def excludes(self, name: str) -> bool:
+        return any(fnmatchcase(name, p) for p in self.exclude)
+
+    def with_exclude(self, add=(), remove=()) -> "Recipe":
+        """A copy with patterns added to / removed from the exclude list."""
+        kept = tuple(p for p in self.exclude if p not in set(remove))
+        return dataclasses.replace(self, exclude=kept + tuple(p for p in add if p not in kept))
+
+    @property
+    def block(self) -> int:
+        """Divisibility K must satisfy for this recipe's weights and inputs."""
+        return 1 if self.weight == "fp8" and self.input != "nvfp4" else self.group_size
+
+
+PRESETS = {
+    "fp8": Recipe("fp8", weight="fp8", input="fp8", group_size=1),
+    "nvfp4": Recipe("nvfp4", weight="nvfp4", input="nvfp4"),
+    "w4a16-nvfp4": Recipe("w4a16-nvfp4", weight="nvfp4"),
+    "w4a16-int4": Recipe("w4a16-int4", weight="int4", group_size=128),
+}
+
+
+def get_recipe(recipe: "str | Recipe") -> Recipe:
+    if isinstance(recipe, Recipe):
+        return recipe
+    if recipe not in PRESETS:
+        raise ValueError(f"unknown recipe {recipe!r}; presets are: {', '.join(PRESETS)}")
+    return PRESETS[recipe]
