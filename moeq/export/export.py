@@ -1,0 +1,187 @@
+"""`moeq.export`: write a quantized model as a checkpoint serving engines load.
+
+Streams one parameter at a time: a fused expert stack is quantized once ([E, N, K] in one
+vectorized call), split into the original checkpoint's per-expert keys, and written to
+bounded shards; peak extra memory is about one layer. Everything lands in a temporary
+directory that is renamed into place at the end.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+from transformers.core_model_loading import revert_weight_conversion
+
+from ..quantize import SESSION_ATTR, Session
+from ..quantizer import quantize_weight
+from .layouts import check_supported, input_tensors, quant_configs, weight_tensors
+from .plan import Piece, checkpoint_plan
+from .writer import DEFAULT_SHARD_BYTES, AtomicDir, ShardWriter
+
+SIDECAR = "moeq_export.json"
+_SKIP_SOURCE = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
+_SKIP_NAMES = {"config.json", "hf_quant_config.json", "model.safetensors.index.json", SIDECAR}
+
+
+@dataclass
+class ExportReport:
+    out_dir: str
+    layout: str
+    recipe: str
+    seconds: float
+    bytes_written: int
+    tensors: int
+    ignore: list[str]
+    never_routed: dict[str, list[int]] = field(default_factory=dict)
+
+    def summary(self) -> str:
+        n = sum(len(v) for v in self.never_routed.values())
+        return (f"exported {self.recipe} ({self.layout}) to {self.out_dir}: {self.tensors} tensors, "
+                f"{self.bytes_written / 2**20:.1f} MiB in {self.seconds:.2f}s"
+                + (f"; {n} never-routed experts got the layer's input scale" if n else ""))
+
+
+def _slice(q, expert: int | None, rows):
+    """Slice every field of a quantized tensor tuple to one expert / some rows."""
+    out = []
+    for f in q:
+        if expert is not None:
+            f = f[expert]
+        if rows is not None and f.dim() >= 2:
+            f = f[rows]
+        out.append(f)
+    return type(q)(*out)
+
+
+def _emit(w: ShardWriter, layout, recipe, prefix, q, amax, in_amax, k: int):
+    n = q[0].shape[0]
+    for name, t in weight_tensors(layout, recipe, q, amax, (n, k)).items():
+        w.add(f"{prefix}.{name}", t)
+    if in_amax is not None:
+        for name, t in input_tensors(layout, recipe, in_amax).items():
+            w.add(f"{prefix}.{name}", t)
+
+
+def _write_experts(w, layout, recipe, st, proj: str, pieces: list[Piece]):
+    t = st.target
+    w_nk = t.nk(proj).detach()
+    amax = st.w_amax[proj]
+    q = quantize_weight(recipe, w_nk, amax)
+    in_amax = st.input_amax(proj) if recipe.input is not None else None
+    K = w_nk.shape[-1]
+
+    def emit(prefix, e, rows):
+        ia = None if in_amax is None else (in_amax if in_amax.dim() == 0 else in_amax[e])
+        _emit(w, layout, recipe, prefix, _slice(q, e, rows), amax[e], ia, K)
+
+    for piece in pieces:
+        if piece.rows is None:  # the checkpoint keeps the stack fused: split per expert ourselves
+            prefix = piece.key.rsplit(".", 1)[0]
+            if proj == t.projs[0] and t.has_gate:
+                g, u = t.gate_up_rows(w_nk.shape[1])
+                leaves = (("gate_proj", g), ("up_proj", u))
+            else:
+                leaves = (("up_proj" if proj == t.projs[0] else "down_proj", None),)
+            for e in range(t.num_experts):
+                for leaf, rows in leaves:
+                    emit(f"{prefix}.{e}.{leaf}", e, rows)
+        elif piece.key.endswith(".weight"):
+            emit(piece.key[: -len(".weight")], piece.expert, piece.rows)
+        else:
+            raise NotImplementedError(f"checkpoint key {piece.key} for {piece.param} does not end in .weight")
+
+
+def _write_linear(w, layout, recipe, st, pieces: list[Piece]):
+    weight = st.target.module.weight.detach()
+    q = quantize_weight(recipe, weight, st.w_amax)
+    in_amax = st.shared_in_amax if recipe.input is not None else None
+    for piece in pieces:
+        if not piece.key.endswith(".weight"):
+            raise NotImplementedError(f"checkpoint key {piece.key} for {piece.param} does not end in .weight")
+        _emit(w, layout, recipe, piece.key[: -len(".weight")], _slice(q, None, piece.rows), st.w_amax, in_amax, weight.shape[1])
+
+
+def _ignore_list(session: Session, plan: dict[str, list[Piece]]) -> list[str]:
+    names = set()
+    for m in session.targets.excluded:
+        for pname, pieces in plan.items():
+            if pname.startswith(m + ".") and "." not in pname[len(m) + 1:]:
+                names.update(p.key.rsplit(".", 1)[0] for p in pieces)
+    return sorted(names)
+
+
+def _write_config(model: nn.Module, out: Path, layout, recipe, ignore):
+    from .. import __version__
+
+    cfg = model.config.to_dict()
+    cfg.pop("quantization_config", None)
+    if not cfg.get("architectures"):
+        cfg["architectures"] = [type(model).__name__]
+    qc, nested = quant_configs(layout, recipe, ignore, __version__)
+    cfg["quantization_config"] = qc
+    (out / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True, default=str) + "\n")
+    if nested is not None:
+        (out / "hf_quant_config.json").write_text(json.dumps(nested, indent=2) + "\n")
+    gen = getattr(model, "generation_config", None)
+    if gen is not None:
+        gen.save_pretrained(out)
+
+
+def _copy_source_files(model: nn.Module, out: Path):
+    src = Path(str(getattr(model.config, "_name_or_path", "") or ""))
+    if not src.is_dir():
+        return
+    for f in src.iterdir():
+        if f.is_file() and f.name not in _SKIP_NAMES and not f.name.endswith(_SKIP_SOURCE) and not (out / f.name).exists():
+            shutil.copy2(f, out / f.name)
+
+
+def export(model: nn.Module, out_dir, layout: str = "modelopt", *, overwrite: bool = False,
+           max_shard_bytes: int = DEFAULT_SHARD_BYTES, progress: bool = True) -> ExportReport:
+    """Write the quantized `model` to `out_dir` in the `layout` convention."""
+    session: Session | None = getattr(model, SESSION_ATTR, None)
+    if session is None:
+        raise ValueError("this model was never quantized; run moeq.quantize(model, recipe, calib_data) before moeq.export")
+    recipe = session.recipe
+    check_supported(layout, recipe)
+    t0 = time.perf_counter()
+    sources = {f"{st.target.name}.{p}": (st, p) for st in session.experts for p in st.target.projs}
+    sources.update({f"{n}.weight": (st, None) for n, st in session.linears.items()})
+    transposed = {f"{st.target.name}.{p}" for st in session.experts if st.target.is_transposed for p in st.target.projs}
+    plan = checkpoint_plan(model, transposed)
+    ignore = _ignore_list(session, plan)
+    sd = model.state_dict(keep_vars=True)
+    plain = revert_weight_conversion(model, {n: sd[n].detach() for n in plan if n not in sources})
+    n_tensors = 0
+    with AtomicDir(out_dir, overwrite) as tmp:
+        w = ShardWriter(tmp, max_shard_bytes)
+        for pname in tqdm(list(sources), desc="exporting", disable=not progress, unit="tensor"):
+            st, proj = sources[pname]
+            if proj is None:
+                _write_linear(w, layout, recipe, st, plan[pname])
+            else:
+                _write_experts(w, layout, recipe, st, proj, plan[pname])
+        for key, t in plain.items():
+            w.add(key, t)
+        w.close()
+        n_tensors = sum(len(s) for s in w.shards)
+        _write_config(model, tmp, layout, recipe, ignore)
+        _copy_source_files(model, tmp)
+        rep = session.report
+        report = ExportReport(str(out_dir), layout, recipe.name, 0.0, w.total_bytes, n_tensors, ignore,
+                              dict(rep.never_routed) if rep else {})
+        (tmp / SIDECAR).write_text(json.dumps({
+            "recipe": asdict(recipe), "layout": layout,
+            "excluded_modules": list(session.targets.excluded),
+            "never_routed": report.never_routed,
+            "tokens_per_expert": rep.tokens_per_expert if rep else {},
+        }, indent=1) + "\n")
+    report.seconds = time.perf_counter() - t0
+    return report

@@ -1,0 +1,178 @@
+"""`moeq.load`: read a ModelOpt or compressed-tensors checkpoint back into transformers
+with fake-quant semantics (weights dequantized from the stored codes, inputs fake-quantized
+with the stored static scales), so it reproduces the in-memory quantized model's logits.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+import transformers
+from safetensors import safe_open
+from torch import nn
+
+from ..formats import fp8, int4, nvfp4
+from ..quantize import SESSION_ATTR, Session
+from ..recipes import Recipe
+from ..targets import find_targets
+from .export import SIDECAR
+from .layouts import recipe_from_config
+from .plan import checkpoint_plan
+
+
+class CheckpointReader:
+    """Lazy key -> tensor access over model.safetensors or an index of shards."""
+
+    def __init__(self, path: Path):
+        index = path / "model.safetensors.index.json"
+        if index.exists():
+            files = json.loads(index.read_text())["weight_map"]
+        elif (path / "model.safetensors").exists():
+            with safe_open(str(path / "model.safetensors"), "pt") as f:
+                files = {k: "model.safetensors" for k in f.keys()}
+        else:
+            raise FileNotFoundError(f"{path} has no model.safetensors or model.safetensors.index.json")
+        self.path, self.files, self._open = path, files, {}
+
+    def __contains__(self, key: str) -> bool:
+        return key in self.files
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        if key not in self.files:
+            raise KeyError(f"checkpoint {self.path} has no tensor {key}")
+        name = self.files[key]
+        if name not in self._open:
+            self._open[name] = safe_open(str(self.path / name), "pt")
+        return self._open[name].get_tensor(key)
+
+
+def _read_quantized(r: CheckpointReader, layout: str, recipe: Recipe, prefix: str, dtype):
+    """-> (dequantized [N, K] weight, static input parameter or None)."""
+    ct = layout == "compressed-tensors"
+    if recipe.weight == "nvfp4":
+        codes = nvfp4.unpack(r[f"{prefix}.weight_packed" if ct else f"{prefix}.weight"])
+        gs = r[f"{prefix}.weight_global_scale"].reshape(()) if ct else 1.0 / r[f"{prefix}.weight_scale_2"].reshape(())
+        w = nvfp4.dequantize(codes, r[f"{prefix}.weight_scale"], gs, dtype)
+    elif recipe.weight == "fp8":
+        w = fp8.dequantize(r[f"{prefix}.weight"], r[f"{prefix}.weight_scale"].reshape(()), dtype)
+    else:
+        n, k = r[f"{prefix}.weight_shape"].tolist()
+        codes = int4.unpack(r[f"{prefix}.weight_packed"])[:, :k]
+        w = int4.dequantize(codes, r[f"{prefix}.weight_scale"], dtype)
+    if recipe.input == "nvfp4":
+        prm = r[f"{prefix}.input_global_scale"].reshape(()) if ct else 1.0 / r[f"{prefix}.input_scale"].reshape(())
+    elif recipe.input == "fp8":
+        prm = r[f"{prefix}.input_scale"].reshape(()).float()
+    else:
+        prm = None
+    return w, prm
+
+
+def _is_quantized(r: CheckpointReader, prefix: str) -> bool:
+    return f"{prefix}.weight_scale" in r
+
+
+def _collapse(prms: list) -> torch.Tensor | None:
+    if not prms or prms[0] is None:
+        return None
+    t = torch.stack([p.float() for p in prms])
+    return t[0] if bool((t == t[0]).all()) else t
+
+
+def _model_from_config(path: Path, dtype, experts_implementation):
+    config = transformers.AutoConfig.from_pretrained(path)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    arch = (getattr(config, "architectures", None) or [None])[0]
+    cls = getattr(transformers, arch, None) if arch else None
+    cls = cls or transformers.AutoModelForCausalLM
+    kw = {"dtype": dtype or getattr(config, "dtype", None) or torch.float32}
+    if experts_implementation:
+        kw["experts_implementation"] = experts_implementation
+    model = cls._from_config(config, **kw) if hasattr(cls, "_from_config") else cls.from_config(config, **kw)
+    return model.eval()
+
+
+@torch.no_grad()
+def load(path, *, dtype: torch.dtype | None = None, experts_implementation: str | None = None) -> nn.Module:
+    """Load a moeq / ModelOpt / compressed-tensors export as a fake-quantized transformers model."""
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"{path} is not a model directory (no config.json)")
+    cfg = json.loads((path / "config.json").read_text())
+    qc = cfg.get("quantization_config")
+    if qc is None and (path / "hf_quant_config.json").exists():
+        qc = json.loads((path / "hf_quant_config.json").read_text())
+    if qc is None:
+        raise ValueError(f"{path} is not a quantized checkpoint (no quantization_config); load it with transformers directly")
+    layout, recipe = recipe_from_config(qc)
+    if (path / SIDECAR).exists():
+        side = json.loads((path / SIDECAR).read_text())["recipe"]
+        recipe = Recipe(**{**side, "exclude": tuple(side["exclude"])})
+    reader = CheckpointReader(path)
+    model = _model_from_config(path, dtype, experts_implementation)
+    targets = find_targets(model, recipe)
+    transposed = {f"{t.name}.{p}" for t in targets.experts if t.is_transposed for p in t.projs}
+    plan = checkpoint_plan(model, transposed)
+    session = Session(model, recipe, targets)
+    params = model.state_dict(keep_vars=True)
+    done = set()
+    for st in session.experts:
+        t = st.target
+        for proj in t.projs:
+            pname = f"{t.name}.{proj}"
+            w_nk = t.nk(proj, params[pname].data)
+            prms = [None] * t.num_experts
+            for piece in plan[pname]:
+                if piece.rows is None:
+                    prefix = piece.key.rsplit(".", 1)[0]
+                    if proj == t.projs[0] and t.has_gate:
+                        g, u = t.gate_up_rows(w_nk.shape[1])
+                        leaves = (("gate_proj", g), ("up_proj", u))
+                    else:
+                        leaves = (("up_proj" if proj == t.projs[0] else "down_proj", slice(None)),)
+                    units = [(f"{prefix}.{e}.{leaf}", e, rows) for e in range(t.num_experts) for leaf, rows in leaves]
+                else:
+                    units = [(piece.key[: -len(".weight")], piece.expert, piece.rows)]
+                for prefix, e, rows in units:
+                    w, prm = _read_quantized(reader, layout, recipe, prefix, w_nk.dtype)
+                    w_nk[e][rows] = w
+                    prms[e] = prm
+            st.fq_weight[proj] = params[pname]
+            prm = _collapse(prms)
+            if prm is not None:
+                st.in_param[proj] = prm
+            done.add(pname)
+        st.mode = "quantize"
+    for name, st in session.linears.items():
+        pname = f"{name}.weight"
+        pieces = plan[pname]
+        prms = []
+        for piece in pieces:
+            w, prm = _read_quantized(reader, layout, recipe, piece.key[: -len(".weight")], params[pname].dtype)
+            if piece.rows is None:
+                params[pname].data.copy_(w)
+            else:
+                params[pname].data[piece.rows] = w
+            prms.append(prm)
+        st.fq_weight["weight"] = params[pname]
+        st.in_param = _collapse(prms)
+        st.mode = "quantize"
+        done.add(pname)
+    for pname, pieces in plan.items():
+        if pname in done:
+            continue
+        dst = params[pname].data
+        for piece in pieces:
+            src = reader[piece.key]
+            if piece.rows is None:
+                dst.copy_(src)
+            elif piece.expert is not None:
+                dst[piece.expert][piece.rows] = src.to(dst.dtype)
+            else:
+                dst[piece.rows] = src.to(dst.dtype)
+    session.attach(calib_all_experts=False)
+    setattr(model, SESSION_ATTR, session)
+    return model
