@@ -184,9 +184,13 @@ def quantize(
         report.never_routed[st.target.name] = never
     n_never = sum(len(v) for v in report.never_routed.values())
     if n_never and calib_data is not None:
-        msg = (f"{n_never} experts saw no calibration tokens"
-               + (" (their statistics come from calibrate-all-experts mode)" if calib_all_experts
-                  else "; their input scales fall back to the layer maximum. Use more data or calib_all_experts=True"))
+        if calib_all_experts:
+            why = " (their statistics come from calibrate-all-experts mode)"
+        elif recipe.input is None:
+            why = " (weight-only recipe: their weights are quantized from the weights alone)"
+        else:
+            why = "; their input scales fall back to the layer maximum. Use more data or calib_all_experts=True"
+        msg = f"{n_never} experts saw no calibration tokens" + why
         report.warnings.append(msg)
         log.warning(msg)
     session.report = report

@@ -135,9 +135,10 @@ def _write_config(model: nn.Module, out: Path, layout, recipe, ignore):
 
 
 def _copy_source_files(model: nn.Module, out: Path):
-    src = Path(str(getattr(model.config, "_name_or_path", "") or ""))
-    if not src.is_dir():
-        return
+    name = str(getattr(model.config, "_name_or_path", "") or "")
+    src = Path(name)
+    if not name or not (src / "config.json").is_file():
+        return  # built from a config, or from the hub cache: nothing to carry over
     for f in src.iterdir():
         if f.is_file() and f.name not in _SKIP_NAMES and not f.name.endswith(_SKIP_SOURCE) and not (out / f.name).exists():
             shutil.copy2(f, out / f.name)
