@@ -1,0 +1,225 @@
+"""The `moeq` command line: quantize, eval, inspect.
+
+    moeq quantize                      # the demo model -> NVFP4, ModelOpt layout
+    moeq quantize --model DIR --recipe fp8 --calib data.txt --out DIR-fp8 --eval
+    moeq eval --model DIR --quantized DIR-fp8
+    moeq inspect DIR-fp8
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from . import data as D
+from .recipes import PRESETS
+
+log = logging.getLogger("moeq")
+
+
+class CliError(Exception):
+    """A user error with a message that says what to do."""
+
+
+def _weights_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.glob("*.safetensors")) + sum(f.stat().st_size for f in path.glob("*.bin"))
+
+
+def _model_path(spec: str) -> Path:
+    path = D.DEMO_MODEL if spec == "demo" else Path(spec)
+    if not path.exists():
+        raise CliError(f"model path {path} does not exist (pass a Hugging Face checkpoint directory, or 'demo')")
+    if not (path / "config.json").is_file():
+        raise CliError(f"{path} has no config.json; --model must be a Hugging Face checkpoint directory")
+    if not _weights_bytes(path):
+        raise CliError(f"{path} has a config.json but no *.safetensors / *.bin weights")
+    return path
+
+
+def _max_positions(config) -> int | None:
+    cfg = getattr(config, "text_config", None) or config
+    return getattr(cfg, "max_position_embeddings", None)
+
+
+def load_model(spec: str, device: str = "auto", dtype: str = "auto", device_map: str | None = None):
+    """-> (model, tokenizer, path). Clear errors for everything a user can get wrong."""
+    import transformers
+
+    path = _model_path(spec)
+    try:
+        config = transformers.AutoConfig.from_pretrained(path)
+    except (ValueError, KeyError) as e:
+        raise CliError(f"{path}: transformers cannot read this config ({e}); moeq supports the model types of the installed transformers") from e
+    if getattr(config, "quantization_config", None):
+        raise CliError(f"{path} is already quantized ({config.quantization_config.get('quant_method', '?') if isinstance(config.quantization_config, dict) else 'quantized'}); pass the unquantized checkpoint")
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise CliError("--device cuda was requested but CUDA is not available")
+    kw = {"dtype": dtype if dtype == "auto" else getattr(torch, dtype)}
+    kw["device_map"] = device_map or device
+    try:
+        model = transformers.AutoModelForCausalLM.from_pretrained(path, **kw)
+    except ValueError as e:
+        if "Unrecognized configuration class" in str(e) or "not supported" in str(e).lower():
+            raise CliError(
+                f"architecture {getattr(config, 'architectures', None)} (model_type {config.model_type!r}) is not supported: "
+                f"moeq quantizes causal language models that transformers loads with AutoModelForCausalLM "
+                f"(MoE models with fused experts, and dense models)") from e
+        raise
+    tokenizer = transformers.AutoTokenizer.from_pretrained(path)
+    return model.eval(), tokenizer, path
+
+
+def _windows(tokenizer, source, seq_len, n, model_config):
+    limit = _max_positions(model_config)
+    if limit is not None and seq_len > limit:
+        raise CliError(f"--seq-len {seq_len} is beyond the model's limit of {limit} positions")
+    try:
+        return D.token_windows(tokenizer, D.read_text(source), seq_len, n)
+    except (FileNotFoundError, ValueError) as e:
+        raise CliError(str(e)) from e
+
+
+def cmd_quantize(a) -> int:
+    import moeq
+
+    from .coverage import write_coverage
+
+    t0 = time.perf_counter()
+    out = Path(a.out or f"moeq-{'demo' if a.model == 'demo' else Path(a.model).name}-{a.recipe}")
+    if out.exists() and any(out.iterdir()) and not a.overwrite:
+        raise CliError(f"output directory {out} exists and is not empty; choose another --out or pass --overwrite")
+    model, tok, path = load_model(a.model, a.device, a.dtype, a.device_map)
+    calib_src = "demo" if a.calib == "demo" else a.calib
+    if calib_src == "demo" and a.model != "demo":
+        log.warning("calibrating a user model on the demo text (Python code); pass --calib with text of your domain")
+    windows = _windows(tok, calib_src, a.seq_len, a.samples, model.config)
+    calib = D.batches(windows, a.batch_size)
+    base = evalb = None
+    if a.eval:
+        eval_src = a.eval_data or (D.DEMO_EVAL if a.model == "demo" else None)
+        if eval_src is None:
+            raise CliError("--eval needs --eval-data FILE for a non-demo model (held-out text, not the calibration text)")
+        evalb = D.batches(_windows(tok, eval_src, a.seq_len, a.eval_samples, model.config), a.batch_size)
+        base = copy.deepcopy(model)
+    recipe = moeq.get_recipe(a.recipe)
+    if a.exclude:
+        recipe = recipe.with_exclude(add=a.exclude)
+    report = moeq.quantize(model, recipe, calib, calib_all_experts=a.calib_all_experts)
+    ev = moeq.evaluate.compare(base, model, evalb, progress=True) if a.eval else None
+    exp = moeq.export(model, out, a.layout, overwrite=a.overwrite)
+    png, js = write_coverage(report.tokens_per_expert, out) if report.tokens_per_expert else (None, None)
+    dt = time.perf_counter() - t0
+    never = sum(len(v) for v in report.never_routed.values())
+    lines = [
+        "",
+        f"moeq quantize: {path} -> {out}",
+        f"  recipe / layout      {recipe.name} / {a.layout}",
+        f"  time                 {dt:.1f}s (calibration {report.calib_seconds:.1f}s, export {exp.seconds:.1f}s)",
+        f"  tokens calibrated    {report.calib_tokens} ({report.calib_batches} batches of {a.batch_size} x {a.seq_len})",
+        f"  modules              {len(report.quantized)} quantized, {len(report.excluded)} excluded",
+        f"  experts never routed {never}" + (f" (see {png})" if never and png else ""),
+        f"  size                 {_weights_bytes(path) / 2**20:.1f} MiB -> {_weights_bytes(out) / 2**20:.1f} MiB",
+    ]
+    if ev is not None:
+        lines += [f"  perplexity           {ev.ppl_base:.3f} -> {ev.ppl_quant:.3f} ({ev.tokens} tokens)",
+                  f"  KL / top-1 agreement {ev.kl:.5f} nats / {100 * ev.top1_agreement:.2f}%"]
+    if png:
+        lines.append(f"  expert coverage      {png}, {js}")
+    print("\n".join(lines))
+    return 0
+
+
+def cmd_eval(a) -> int:
+    import moeq
+
+    base, tok, _ = load_model(a.model, a.device, a.dtype)
+    try:
+        quant = moeq.load(a.quantized, dtype=base.dtype)
+    except (FileNotFoundError, ValueError) as e:
+        raise CliError(str(e)) from e
+    quant.to(base.device)
+    src = a.data or (D.DEMO_EVAL if a.model == "demo" else None)
+    if src is None:
+        raise CliError("pass --data FILE (held-out text) to evaluate a non-demo model")
+    b = D.batches(_windows(tok, src, a.seq_len, a.samples, base.config), a.batch_size)
+    res = moeq.evaluate.compare(base, quant, b, progress=not a.json)
+    print(json.dumps(res.as_dict(), indent=2) if a.json else res.table())
+    return 0
+
+
+def cmd_inspect(a) -> int:
+    from .inspect_checkpoint import as_json, inspect_checkpoint
+
+    try:
+        res = inspect_checkpoint(a.dir)
+    except (FileNotFoundError, ValueError) as e:
+        raise CliError(str(e)) from e
+    print(as_json(res) if a.json else res.table())
+    return 1 if res.problems else 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="moeq", description="Post-training quantization of MoE (and dense) models in transformers")
+    sub = p.add_subparsers(dest="cmd")
+
+    def common(s, samples):
+        s.add_argument("--seq-len", type=int, default=256, help="tokens per sample (default 256)")
+        s.add_argument("--samples", type=int, default=samples, help=f"number of samples (default {samples})")
+        s.add_argument("--batch-size", type=int, default=8)
+        s.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+        s.add_argument("--dtype", default="auto", help="auto (the checkpoint's), float32, bfloat16, float16")
+
+    q = sub.add_parser("quantize", help="calibrate, quantize and export a model (default: the demo model to NVFP4)")
+    q.add_argument("--model", default="demo", help="checkpoint directory, or 'demo' (default)")
+    q.add_argument("--recipe", default="nvfp4", choices=list(PRESETS))
+    q.add_argument("--calib", default="demo", help="text FILE, DIR of text files, or 'demo'")
+    q.add_argument("--layout", default="modelopt", choices=["modelopt", "compressed-tensors"])
+    q.add_argument("--out", help="output directory (default ./moeq-<model>-<recipe>)")
+    q.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
+    q.add_argument("--calib-all-experts", action="store_true", help="every expert's statistics see every token")
+    q.add_argument("--exclude", action="append", default=[], help="extra fnmatch pattern of modules to leave unquantized")
+    q.add_argument("--device-map", help="accelerate device map for models bigger than one device (e.g. auto)")
+    q.add_argument("--eval", action="store_true", help="perplexity / KL before and after on held-out text")
+    q.add_argument("--eval-data", help="held-out text for --eval (default: the demo eval split for the demo model)")
+    q.add_argument("--eval-samples", type=int, default=32)
+    common(q, 64)
+    q.set_defaults(func=cmd_quantize)
+
+    e = sub.add_parser("eval", help="perplexity, KL and top-1 agreement of a quantized checkpoint vs its base")
+    e.add_argument("--model", default="demo", help="base checkpoint directory or 'demo'")
+    e.add_argument("--quantized", required=True, help="directory written by moeq quantize")
+    e.add_argument("--data", help="held-out text FILE (default: the demo eval split for the demo model)")
+    e.add_argument("--json", action="store_true")
+    common(e, 32)
+    e.set_defaults(func=cmd_eval)
+
+    i = sub.add_parser("inspect", help="what a quantized checkpoint holds; non-zero exit on problems")
+    i.add_argument("dir")
+    i.add_argument("--json", action="store_true")
+    i.set_defaults(func=cmd_inspect)
+    return p
+
+
+def main(argv=None) -> int:
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    args = build_parser().parse_args(argv)
+    if args.cmd is None:
+        args = build_parser().parse_args(["quantize"] + list(argv or sys.argv[1:]))
+    try:
+        return args.func(args)
+    except CliError as e:
+        print(f"moeq: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

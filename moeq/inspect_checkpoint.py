@@ -1,0 +1,182 @@
+"""`moeq inspect DIR`: what a quantized checkpoint holds, checked the way a loader would.
+
+Reads only tensor headers for weights (shapes, dtypes) and the small scale tensors.
+Problems (non-zero exit in the CLI): missing tensors, wrong dtypes/shapes, non-finite or
+non-positive scales, gate/up pairs with different global scales, routers or lm_head not
+in the exclude list. Warnings: input scales that differ across the experts of a layer.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections import defaultdict
+from dataclasses import asdict, dataclass, field
+from fnmatch import fnmatchcase
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from .export.layouts import recipe_from_config
+
+_SCALE_NAMES = ("weight_scale_2", "weight_global_scale", "input_scale", "input_global_scale")
+_QUANT_SUFFIXES = ("weight", "weight_packed", "weight_scale", "weight_shape", "weight_zero_point") + _SCALE_NAMES
+_PAIRS = (("gate_proj", "up_proj"), ("w1", "w3"))
+_DTYPES = {"U8": torch.uint8, "F8_E4M3": torch.float8_e4m3fn, "F32": torch.float32, "I32": torch.int32,
+           "I64": torch.int64, "BF16": torch.bfloat16, "F16": torch.float16}
+
+
+@dataclass
+class InspectResult:
+    path: str
+    layout: str
+    recipe: str
+    quantized_modules: int
+    experts_modules: dict[str, int]  # experts prefix -> number of experts
+    per_layer: dict[str, dict[str, int]]
+    ignore: list[str]
+    problems: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+
+    def table(self) -> str:
+        lines = [f"{self.path}: {self.layout} layout, recipe {self.recipe}",
+                 f"quantized modules: {self.quantized_modules} ({len(self.experts_modules)} experts blocks); "
+                 f"excluded: {len(self.ignore)}"]
+        for layer, c in sorted(self.per_layer.items(), key=lambda kv: int(kv[0]) if kv[0].isdigit() else -1):
+            lines.append(f"  layer {layer}: {c.get('expert', 0)} expert projections, {c.get('dense', 0)} dense")
+        lines += [f"PROBLEM: {p}" for p in self.problems] + [f"warning: {w}" for w in self.warnings]
+        lines.append("OK" if not self.problems else f"{len(self.problems)} problems")
+        return "\n".join(lines)
+
+
+class _Headers:
+    def __init__(self, path: Path):
+        index = path / "model.safetensors.index.json"
+        if index.exists():
+            files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        elif (path / "model.safetensors").exists():
+            files = ["model.safetensors"]
+        else:
+            raise FileNotFoundError(f"{path} has no model.safetensors or model.safetensors.index.json")
+        self.handles = {f: safe_open(str(path / f), "pt") for f in files}
+        self.where = {k: f for f, h in self.handles.items() for k in h.keys()}
+
+    def shape(self, k):
+        return tuple(self.handles[self.where[k]].get_slice(k).get_shape())
+
+    def dtype(self, k):
+        return _DTYPES.get(self.handles[self.where[k]].get_slice(k).get_dtype())
+
+    def tensor(self, k):
+        return self.handles[self.where[k]].get_tensor(k)
+
+
+def _ignored(name: str, ignore: list[str]) -> bool:
+    for pat in ignore:
+        p = pat[3:] if pat.startswith("re:") else None
+        if (p is not None and re.fullmatch(p, name)) or (p is None and (fnmatchcase(name, pat) or pat in name)):
+            return True
+    return False
+
+
+def inspect_checkpoint(path) -> InspectResult:
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"{path} is not a model directory (no config.json)")
+    qc = json.loads((path / "config.json").read_text()).get("quantization_config")
+    if qc is None and (path / "hf_quant_config.json").exists():
+        qc = json.loads((path / "hf_quant_config.json").read_text())
+    if qc is None:
+        raise ValueError(f"{path} holds no quantization_config: it is not a quantized checkpoint")
+    layout, recipe = recipe_from_config(qc)
+    ignore = list(qc.get("ignore") or qc.get("exclude_modules") or qc.get("quantization", {}).get("exclude_modules") or [])
+    h = _Headers(path)
+    ct = layout == "compressed-tensors"
+    modules = sorted({k.rsplit(".", 1)[0] for k in h.where if k.endswith(".weight_scale")})
+    res = InspectResult(str(path), layout, recipe.name, len(modules), {}, defaultdict(lambda: defaultdict(int)), ignore)
+    P = res.problems.append
+    ws2 = {}
+    in_scales = defaultdict(list)
+    for m in modules:
+        _check_module(h, m, recipe, ct, P)
+        g = f"{m}.weight_global_scale" if ct else f"{m}.weight_scale_2"
+        if g in h.where:
+            ws2[m] = h.tensor(g).float().reshape(-1)[0].item()
+        for s in ("input_scale", "input_global_scale"):
+            if f"{m}.{s}" in h.where:
+                em = re.match(r"(.*\.experts)\.(\d+)\.(\w+)$", m)
+                if em:
+                    in_scales[(em.group(1), em.group(3))].append(h.tensor(f"{m}.{s}").float().reshape(-1)[0].item())
+        em = re.match(r"(.*\.experts)\.(\d+)\.", m + ".")
+        if em:
+            res.experts_modules[em.group(1)] = max(res.experts_modules.get(em.group(1), 0), int(em.group(2)) + 1)
+        layer = re.search(r"layers\.(\d+)\.", m)
+        res.per_layer[layer.group(1) if layer else "-"]["expert" if em else "dense"] += 1
+    for m, v in ws2.items():
+        for a, b in _PAIRS:
+            if m.endswith("." + a):
+                other = m[: -len(a)] + b
+                if other in ws2 and ws2[other] != v:
+                    P(f"{m} and {other} have different global scales ({v} vs {ws2[other]}); vLLM uses the gate's for both")
+    for (blk, proj), vals in in_scales.items():
+        if len(set(vals)) > 1 and proj not in ("up_proj", "w3"):
+            res.warnings.append(f"{blk} {proj}: input scales differ across experts (engines take the max)")
+    for k in h.where:
+        mod = k.rsplit(".", 1)[0]
+        if k.endswith(".weight") and mod not in modules and len(h.shape(k)) == 2:
+            leaf = mod.rsplit(".", 1)[-1]
+            if leaf in ("gate", "router", "lm_head") and not _ignored(mod, ignore):
+                P(f"{mod} is not quantized but missing from the exclude list; vLLM would try to load it as quantized")
+    res.per_layer = {k: dict(v) for k, v in res.per_layer.items()}
+    return res
+
+
+def _check_module(h: _Headers, m: str, recipe, ct: bool, P) -> None:
+    def need(name, dtype=None, shape=None):
+        k = f"{m}.{name}"
+        if k not in h.where:
+            P(f"{k} is missing")
+            return None
+        if dtype is not None and h.dtype(k) != dtype:
+            P(f"{k} has dtype {h.dtype(k)}, expected {dtype}")
+        if shape is not None and h.shape(k) != shape:
+            P(f"{k} has shape {h.shape(k)}, expected {shape}")
+        return h.shape(k)
+
+    def positive(name):
+        k = f"{m}.{name}"
+        if k in h.where:
+            t = h.tensor(k).float()
+            if not bool(torch.isfinite(t).all()) or not bool((t > 0).all()):
+                P(f"{k} has non-finite or non-positive values")
+
+    scalar = (1,) if ct else ()
+    if recipe.weight == "nvfp4":
+        ws = need("weight_packed" if ct else "weight", torch.uint8)
+        if ws:
+            need("weight_scale", torch.float8_e4m3fn, (ws[0], ws[1] * 2 // 16))
+        need("weight_global_scale" if ct else "weight_scale_2", torch.float32, scalar)
+        for s in ("weight_scale", "weight_global_scale" if ct else "weight_scale_2"):
+            positive(s)
+    elif recipe.weight == "fp8":
+        need("weight", torch.float8_e4m3fn)
+        need("weight_scale", torch.float32, scalar)
+        positive("weight_scale")
+    else:
+        ws = need("weight_packed", torch.int32)
+        shp = need("weight_shape", torch.int64, (2,))
+        if ws and shp:
+            n, k = h.tensor(f"{m}.weight_shape").tolist()
+            if ws != (n, k // 8):
+                P(f"{m}.weight_packed has shape {ws}, expected {(n, k // 8)} for weight_shape {[n, k]}")
+            need("weight_scale", None, (n, k // recipe.group_size))
+        positive("weight_scale")
+    if recipe.input is not None:
+        name = "input_global_scale" if (ct and recipe.input == "nvfp4") else "input_scale"
+        need(name, torch.float32, scalar)
+        positive(name)
+
+
+def as_json(res: InspectResult) -> str:
+    return json.dumps(asdict(res), indent=2)
