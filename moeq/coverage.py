@@ -25,7 +25,7 @@ def write_coverage(tokens_per_expert: dict[str, list[int]], out_dir: "str | Path
     grid = np.full((max(len(names), 1), width), np.nan)
     for i, n in enumerate(names):
         grid[i, : len(tokens_per_expert[n])] = tokens_per_expert[n]
-    fig, ax = plt.subplots(figsize=(min(2 + width * 0.35, 24), 1.5 + 0.4 * max(len(names), 1)))
+    fig, ax = plt.subplots(figsize=(min(max(7, 2 + width * 0.35), 24), 1.5 + 0.4 * max(len(names), 1)))
     im = ax.imshow(grid, aspect="auto", cmap="viridis", interpolation="nearest")
     for i, n in enumerate(names):
         for e, c in enumerate(tokens_per_expert[n]):
