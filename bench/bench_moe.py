@@ -1,0 +1,197 @@
+"""Calibration and fake-quant speed/memory of moeq vs the unquantized forward.
+
+    python bench/bench_moe.py                 # full run (16, 64, 256 experts), writes bench/RESULTS.md
+    python bench/bench_moe.py --smoke         # tiny config, correctness of the script only (CI)
+    python bench/bench_moe.py --dtype bfloat16 --device cuda   # on a GPU
+
+For each config (Qwen3-MoE architecture, 2 layers, top-8) it measures, in ONE process:
+unquantized forward under grouped_mm and eager (baseline = the faster), moeq calibration
+forward (statistics collection) under the default grouped_mm, moeq fake-quant forward for
+nvfp4 and fp8, peak memory of each phase, and the export time and peak extra memory.
+Times are medians of several repeats after warm-up; ratios are moeq / baseline.
+Memory on CPU is the peak RSS above the phase's starting RSS (a 1 ms sampler thread);
+on CUDA, torch.cuda.max_memory_allocated above the starting allocation.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import gc
+import os
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import torch
+import transformers
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import moeq  # noqa: E402
+from moeq.quantize import Session  # noqa: E402
+from moeq.targets import find_targets  # noqa: E402
+
+
+class PeakMemory:
+    """Peak memory above the level at entry: CUDA allocator stats, or RSS sampled every 1 ms."""
+
+    def __init__(self, device):
+        self.device, self.peak = device, 0
+
+    @staticmethod
+    def rss() -> int:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+    def __enter__(self):
+        gc.collect()
+        if self.device == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            self.base = torch.cuda.memory_allocated()
+        else:
+            self.base, self.top, self.stop = self.rss(), self.rss(), False
+            self.t = threading.Thread(target=self._sample, daemon=True)
+            self.t.start()
+        return self
+
+    def _sample(self):
+        while not self.stop:
+            self.top = max(self.top, self.rss())
+            time.sleep(0.001)
+
+    def __exit__(self, *exc):
+        if self.device == "cuda":
+            torch.cuda.synchronize()
+            self.peak = torch.cuda.max_memory_allocated() - self.base
+        else:
+            self.stop = True
+            self.t.join()
+            self.peak = max(self.top, self.rss()) - self.base
+        return False
+
+
+def build(num_experts: int, hidden: int, moe_inter: int, dtype, device):
+    cfg = transformers.Qwen3MoeConfig(
+        vocab_size=1024, hidden_size=hidden, intermediate_size=2 * hidden, moe_intermediate_size=moe_inter,
+        num_hidden_layers=2, num_attention_heads=8, num_key_value_heads=4, head_dim=hidden // 8,
+        num_experts=num_experts, num_experts_per_tok=min(8, num_experts), max_position_embeddings=4096,
+        decoder_sparse_step=1, mlp_only_layers=[], norm_topk_prob=True, tie_word_embeddings=False,
+    )
+    torch.manual_seed(0)
+    model = transformers.Qwen3MoeForCausalLM(cfg).to(dtype=dtype, device=device).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() >= 2:
+                p.normal_(0, 0.02)
+    return model
+
+
+def timed(fn, repeats: int, device) -> float:
+    fn()  # warm-up
+    ts = []
+    for _ in range(repeats):
+        if device == "cuda":
+            torch.cuda.synchronize()
+        t = time.perf_counter()
+        fn()
+        if device == "cuda":
+            torch.cuda.synchronize()
+        ts.append(time.perf_counter() - t)
+    return statistics.median(ts)
+
+
+def bench_config(E, hidden, inter, tokens, repeats, dtype, device, export: bool):
+    model = build(E, hidden, inter, dtype, device)
+    ids = torch.randint(0, 1024, (max(1, tokens // 512), min(512, tokens)), device=device)
+    ntok = ids.numel()
+    fwd = lambda m: (lambda: m(input_ids=ids, use_cache=False))  # noqa: E731
+    row = {"experts": E, "tokens": ntok}
+    with torch.no_grad():
+        for impl in ("grouped_mm", "eager"):
+            model.set_experts_implementation(impl)
+            with PeakMemory(device) as pm:
+                row[f"t_{impl}"] = timed(fwd(model), repeats, device)
+            row[f"mem_{impl}"] = pm.peak
+        best = min(("grouped_mm", "eager"), key=lambda i: row[f"t_{i}"])
+        row["baseline"], row["t_base"], row["mem_base"] = best, row[f"t_{best}"], row["mem_grouped_mm"]
+        model.set_experts_implementation("grouped_mm")
+        for recipe in ("nvfp4", "fp8"):
+            m = model if recipe == "fp8" else copy.deepcopy(model)
+            rec = moeq.get_recipe(recipe)
+            s = Session(m, rec, find_targets(m, rec))
+            s.attach(calib_all_experts=False)
+            if recipe == "nvfp4":
+                with PeakMemory(device) as pm:
+                    row["t_calib"] = timed(fwd(m), repeats, device)
+                row["mem_calib"] = pm.peak
+            else:
+                m(input_ids=ids, use_cache=False)
+            s.finalize()
+            with PeakMemory(device) as pm:
+                row[f"t_fq_{recipe}"] = timed(fwd(m), repeats, device)
+            row[f"mem_fq_{recipe}"] = pm.peak
+            if recipe == "nvfp4" and export:
+                m.moeq_session = s
+                with tempfile.TemporaryDirectory() as d, PeakMemory(device if device == "cuda" else "cpu") as pm:
+                    t = time.perf_counter()
+                    moeq.export(m, Path(d) / "out", "modelopt", progress=False)
+                    row["t_export"] = time.perf_counter() - t
+                row["mem_export"] = pm.peak
+                layer_bytes = sum(p.numel() * p.element_size() for p in m.model.layers[0].parameters())
+                row["layer_bytes"] = layer_bytes
+            s.detach()
+            if m is not model:
+                del m
+            gc.collect()
+    return row
+
+
+def table(rows, header: str) -> str:
+    mib = lambda b: f"{b / 2**20:.0f}"  # noqa: E731
+    out = [header, "",
+           "| experts | tokens | grouped_mm tok/s | eager tok/s | baseline | calib tok/s | calib / base | fq nvfp4 / base | fq fp8 / base | mem base MiB | mem calib MiB (ratio) | export s | export peak extra MiB (one layer MiB) |",
+           "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        tb = r["t_base"]
+        out.append(
+            f"| {r['experts']} | {r['tokens']} | {r['tokens'] / r['t_grouped_mm']:.0f} | {r['tokens'] / r['t_eager']:.0f} | {r['baseline']} "
+            f"| {r['tokens'] / r['t_calib']:.0f} | {r['t_calib'] / tb:.2f}x | {r['t_fq_nvfp4'] / tb:.2f}x | {r['t_fq_fp8'] / tb:.2f}x "
+            f"| {mib(r['mem_base'])} | {mib(r['mem_calib'])} ({r['mem_calib'] / max(r['mem_base'], 1):.2f}x) "
+            f"| {r.get('t_export', float('nan')):.2f} | {mib(r.get('mem_export', 0))} ({mib(r.get('layer_bytes', 0))}) |")
+    return "\n".join(out)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--smoke", action="store_true", help="tiny config, 1 repeat: checks the script, not the speed")
+    ap.add_argument("--experts", type=int, nargs="*", default=[16, 64, 256])
+    ap.add_argument("--hidden", type=int, default=1024)
+    ap.add_argument("--moe-intermediate", type=int, default=384)
+    ap.add_argument("--tokens", type=int, default=2048)
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--dtype", default="float32")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--out", help="write the markdown table here")
+    a = ap.parse_args(argv)
+    if a.smoke:
+        a.experts, a.hidden, a.moe_intermediate, a.tokens, a.repeats = [8], 128, 128, 64, 1
+    dtype = getattr(torch, a.dtype)
+    rows = []
+    for E in a.experts:
+        rows.append(bench_config(E, a.hidden, a.moe_intermediate, a.tokens, a.repeats, dtype, a.device, export=(E == max(a.experts))))
+        print(table(rows[-1:], f"E={E}"), flush=True)
+    cmd = "python bench/bench_moe.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    dev = torch.cuda.get_device_name() if a.device == "cuda" else f"CPU ({os.cpu_count()} cores), torch {torch.__version__}"
+    md = table(rows, f"### {a.dtype} on {dev}\n\n`{cmd.strip()}` (hidden {a.hidden}, moe_intermediate {a.moe_intermediate}, top-8, 2 layers, median of {a.repeats})")
+    print("\n" + md)
+    if a.out:
+        Path(a.out).write_text(md + "\n")
+    return rows
+
+
+if __name__ == "__main__":
+    main()
