@@ -22,7 +22,9 @@ def check_input(x: torch.Tensor, block: int, what: str = "x", finite: bool = Tru
             f"{what} has dtype {x.dtype}; quantization needs float32, bfloat16 or float16 "
             f"(cast with .float() first)"
         )
-    if x.dim() < 1 or x.numel() == 0:
+    if x.dim() < 1:
+        raise ValueError(f"{what} is a 0-d scalar; quantization needs at least one dim (K, the last)")
+    if x.numel() == 0:
         raise ValueError(f"{what} is empty (shape {tuple(x.shape)}); nothing to quantize")
     k = x.shape[-1]
     if k % block != 0:

@@ -31,10 +31,14 @@ class NVFP4Tensor(NamedTuple):
     global_scale: torch.Tensor  # float32, the shape of amax
 
 
+# Smallest normal float32: keeps 1 / scale_2 finite for amax down to the denormal range.
+_MIN_SCALE = 2.0**-126
+
+
 def scale_2(amax: torch.Tensor) -> torch.Tensor:
-    """ModelOpt per-tensor scale: amax / 2688 (1 where amax == 0, so it stays usable)."""
+    """ModelOpt per-tensor scale: amax / 2688 (1 where amax == 0, floored so 1/scale_2 stays finite)."""
     amax = torch.as_tensor(amax, dtype=torch.float32)
-    return torch.where(amax > 0, amax / (fp4.FP4_MAX * E4M3_MAX), torch.ones_like(amax))
+    return torch.where(amax > 0, (amax / (fp4.FP4_MAX * E4M3_MAX)).clamp(min=_MIN_SCALE), torch.ones_like(amax))
 
 
 def global_scale(amax: torch.Tensor) -> torch.Tensor:
