@@ -49,7 +49,8 @@ _METADATA_PROPS = {
               "grad_fn", "is_leaf", "is_sparse", "is_quantized", "is_nested", "itemsize", "nbytes")
 }
 _TOGGLE_PROPS = {_T.T.__get__, _T.mT.__get__}
-_VIEW_KEEP = {_T.contiguous, _T.to, _T.detach, torch.detach, _T.clone, torch.clone}
+# Ops that keep which experts/rows a tensor covers (dtype casts, copies): the origin carries over.
+_VIEW_KEEP = {_T.contiguous, _T.to, _T.detach, torch.detach, _T.clone, torch.clone, _T.float, _T.bfloat16, _T.half, _T.type_as}
 _TRANSPOSE = {_T.transpose, torch.transpose, _T.t, torch.t, _T.swapaxes, torch.swapaxes}
 _GROUPED = {torch._grouped_mm}
 

@@ -76,6 +76,31 @@ class Session:
     def detach(self) -> None:
         self.hooks.remove()
 
+    def reduce_stats(self) -> None:
+        """Multi-process calibration: combine statistics over all ranks (max for amax, sum for
+        counts) with the process group's collective library (gloo on CPU, NCCL on GPU)."""
+        import torch.distributed as dist
+
+        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+            return
+        backend_device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+
+        def reduce(t: torch.Tensor, op) -> torch.Tensor:
+            buf = t.to(backend_device)
+            dist.all_reduce(buf, op=op)
+            t.copy_(buf.to(t.device))
+            return t
+
+        for st in self.experts:
+            for a in st.in_amax.values():
+                reduce(a, dist.ReduceOp.MAX)
+            reduce(st.tokens, dist.ReduceOp.SUM)
+            calls = reduce(torch.tensor([st.calls, st.all_experts_tokens], dtype=torch.int64), dist.ReduceOp.SUM)
+            st.calls, st.all_experts_tokens = int(calls[0]), int(calls[1])
+        for st in self.linears.values():
+            reduce(st.in_amax, dist.ReduceOp.MAX)
+            st.calls = int(reduce(torch.tensor([st.calls], dtype=torch.int64), dist.ReduceOp.SUM)[0])
+
     def finalize(self) -> None:
         for st in self.experts:
             st.finalize()
@@ -172,6 +197,7 @@ def quantize(
                 _calibrate(model, calib_data, report, progress)
             finally:
                 model.train(was_training)
+        session.reduce_stats()
         _check_coverage(session, report, calibrated=calib_data is not None)
         session.finalize()
     except BaseException:

@@ -19,7 +19,7 @@ from ..recipes import Recipe
 from ..targets import find_targets
 from .export import SIDECAR
 from .layouts import recipe_from_config
-from .plan import checkpoint_plan
+from .plan import checkpoint_plan, fill_from_checkpoint
 
 
 class CheckpointReader:
@@ -162,17 +162,8 @@ def load(path, *, dtype: torch.dtype | None = None, experts_implementation: str 
         st.mode = "quantize"
         done.add(pname)
     for pname, pieces in plan.items():
-        if pname in done:
-            continue
-        dst = params[pname].data
-        for piece in pieces:
-            src = reader[piece.key]
-            if piece.rows is None:
-                dst.copy_(src)
-            elif piece.expert is not None:
-                dst[piece.expert][piece.rows] = src.to(dst.dtype)
-            else:
-                dst[piece.rows] = src.to(dst.dtype)
+        if pname not in done:
+            fill_from_checkpoint(params[pname].data, pieces, reader.__getitem__)
     session.attach(calib_all_experts=False)
     setattr(model, SESSION_ATTR, session)
     return model

@@ -79,3 +79,15 @@ def checkpoint_plan(model: nn.Module, transposed: set[str]) -> dict[str, list[Pi
         else:
             plan[name].append(Piece(key, name, None, local))
     return plan
+
+
+def fill_from_checkpoint(dst: torch.Tensor, pieces: list[Piece], read) -> None:
+    """Write the checkpoint tensors of `pieces` (read(key) -> tensor) into parameter `dst`."""
+    for piece in pieces:
+        src = read(piece.key)
+        if piece.rows is None:
+            dst.copy_(src)
+        elif piece.expert is not None:
+            dst[piece.expert][piece.rows] = src.to(dst.dtype)
+        else:
+            dst[piece.rows] = src.to(dst.dtype)

@@ -1,0 +1,265 @@
+"""Streaming quantization for models larger than memory: one decoder layer at a time.
+
+    report, export_report = quantize_streaming("/models/big", "nvfp4", calib_batches, "/models/big-nvfp4")
+
+The model is built on the meta device; weights are read lazily from the checkpoint's
+safetensors shards. A first pass with every decoder layer replaced by a catcher records
+each layer's call arguments (position embeddings, masks) and layer 0's input for every
+calibration batch. Then, per layer: materialize its weights, run it on the recorded
+inputs with moeq's interception collecting statistics (unquantized, as in the in-memory
+path), quantize it, write its tensors to the export, free it, and pass its outputs on.
+Peak memory is about one layer plus the calibration activations, whatever the model size.
+
+Resumable: the export is assembled in `.<out>.moeq-partial/` next to the destination
+with `progress.json` and the activations after the last finished layer; running the same
+command again continues from there. The directory is renamed to `out` at the end.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import time
+from pathlib import Path
+
+import torch
+import transformers
+from accelerate import init_empty_weights
+from accelerate.utils import set_module_tensor_to_device
+from torch import nn
+from tqdm.auto import tqdm
+
+from .export.export import SIDECAR, ExportReport, _copy_source_files, _ignore_list, _write_config, _write_experts, _write_linear
+from .export.layouts import check_supported
+from .export.load import CheckpointReader
+from .export.plan import checkpoint_plan, fill_from_checkpoint
+from .export.writer import DEFAULT_SHARD_BYTES, ShardWriter
+from .quantize import QuantReport, Session, _check_coverage, _check_shapes
+from .recipes import Recipe, get_recipe
+from .targets import Targets, find_targets
+
+log = logging.getLogger("moeq")
+
+
+class _Stop(Exception):
+    pass
+
+
+class _Catcher(nn.Module):
+    """Stands in for decoder layer i during the capture pass: records its call, passes
+    hidden states through unchanged, and stops the forward after the last layer."""
+
+    def __init__(self, layer: nn.Module, i: int, calls: list, last: bool):
+        super().__init__()
+        self.layer, self.i, self.calls, self.last = layer, i, calls, last
+
+    def __getattr__(self, name):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self._modules["layer"], name)
+
+    def forward(self, hidden_states, *args, **kwargs):
+        self.calls.append((hidden_states if self.i == 0 else None, args, kwargs))
+        if self.last:
+            raise _Stop
+        return hidden_states
+
+
+def decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
+    """The ModuleList of decoder layers: the longest list of same-class blocks."""
+    best = None
+    for name, m in model.named_modules():
+        if isinstance(m, nn.ModuleList) and len(m) and len({type(c) for c in m} - {type(None)}) >= 1:
+            n_layers = getattr(getattr(model.config, "text_config", model.config), "num_hidden_layers", None)
+            if (best is None or len(m) > len(best[1])) and (n_layers is None or len(m) == n_layers):
+                best = (name, m)
+    if best is None:
+        raise ValueError(f"cannot find the decoder layers of {type(model).__name__}; streaming needs a ModuleList of layers")
+    return best
+
+
+def _meta_model(path: Path, dtype):
+    config = transformers.AutoConfig.from_pretrained(path)
+    if getattr(config, "quantization_config", None):
+        raise ValueError(f"{path} is already quantized")
+    arch = (getattr(config, "architectures", None) or [None])[0]
+    cls = getattr(transformers, arch, None) if arch else None
+    cls = cls or transformers.AutoModelForCausalLM
+    with init_empty_weights(include_buffers=False):
+        model = cls._from_config(config, dtype=dtype or getattr(config, "dtype", None) or torch.float32)
+    return model.eval()
+
+
+def _tied_duplicates(model: nn.Module) -> set[str]:
+    seen, dup = {}, set()
+    for n, p in model.state_dict(keep_vars=True).items():
+        if id(p) in seen:
+            dup.add(n)
+        seen.setdefault(id(p), n)
+    return dup
+
+
+class _Materializer:
+    def __init__(self, model, plan, reader, device, tied):
+        self.model, self.plan, self.reader, self.device, self.tied = model, plan, reader, device, tied
+        self.shapes = {n: (p.shape, p.dtype) for n, p in model.state_dict(keep_vars=True).items()}
+
+    def load(self, names):
+        for n in names:
+            if n in self.tied:
+                continue
+            shape, dtype = self.shapes[n]
+            t = torch.empty(shape, dtype=dtype, device=self.device)
+            fill_from_checkpoint(t, self.plan[n], self.reader.__getitem__)
+            set_module_tensor_to_device(self.model, n, self.device, value=t)
+
+    def free(self, names):
+        for n in names:
+            if n not in self.tied:
+                set_module_tensor_to_device(self.model, n, "meta")
+
+
+def _sub_targets(targets: Targets, prefix: str) -> Targets:
+    inside = lambda n: n.startswith(prefix)  # noqa: E731
+    return Targets([t for t in targets.experts if inside(t.name)], [t for t in targets.linears if inside(t.name)],
+                   [n for n in targets.excluded if inside(n)])
+
+
+@torch.no_grad()
+def quantize_streaming(model_path, recipe: "str | Recipe", calib_batches, out_dir, layout: str = "modelopt", *,
+                       calib_all_experts: bool = False, overwrite: bool = False, device: str = "cpu", dtype=None,
+                       max_shard_bytes: int = DEFAULT_SHARD_BYTES, progress: bool = True, write: bool = True,
+                       stop_after_layers: int | None = None) -> tuple[QuantReport, ExportReport | None]:
+    """Quantize and export a checkpoint directory layer by layer. `write=False` on
+    non-zero ranks of a multi-process run (rank 0 writes). `stop_after_layers` simulates
+    an interruption (tests)."""
+    t0 = time.perf_counter()
+    path, out = Path(model_path), Path(out_dir)
+    recipe = get_recipe(recipe)
+    check_supported(layout, recipe)
+    if write and out.exists() and any(out.iterdir()) and not overwrite:
+        raise FileExistsError(f"output directory {out} exists and is not empty; choose another path or pass overwrite=True")
+    reader = CheckpointReader(path)
+    model = _meta_model(path, dtype)
+    model.config._name_or_path = str(path)
+    targets = find_targets(model, recipe)
+    _check_shapes(targets, recipe)
+    transposed = {f"{t.name}.{p}" for t in targets.experts if t.is_transposed for p in t.projs}
+    plan = checkpoint_plan(model, transposed)
+    tied = _tied_duplicates(model)
+    mat = _Materializer(model, plan, reader, device, tied)
+    layers_name, layers = decoder_layers(model)
+    prefixes = [f"{layers_name}.{i}." for i in range(len(layers))]
+    names = list(plan)
+    outer = [n for n in names if not any(n.startswith(p) for p in prefixes)]
+    mat.load(outer)
+
+    calib = [b if isinstance(b, torch.Tensor) else b["input_ids"] for b in calib_batches]
+    if not calib:
+        raise ValueError("calibration data is empty; pass at least one batch of input_ids")
+    calls: list[list] = [[] for _ in layers]
+    originals = list(layers)
+    for i, layer in enumerate(originals):
+        layers[i] = _Catcher(layer, i, calls[i], last=i == len(layers) - 1)
+    try:
+        for ids in calib:
+            try:
+                model(input_ids=ids.to(device), use_cache=False)
+            except _Stop:
+                pass
+    finally:
+        for i, layer in enumerate(originals):
+            layers[i] = layer
+    hidden = [c[0] for c in calls[0]]
+
+    partial = out.parent / f".{out.name}.moeq-partial"
+    state = {"done": 0, "shards": [], "total_bytes": 0, "tokens_per_expert": {}, "fingerprint": None}
+    fingerprint = {"model": str(path.resolve()), "recipe": recipe.name, "layout": layout,
+                   "calib": [list(b.shape) for b in calib], "calib_sum": int(sum(int(b.sum()) for b in calib))}
+    if write:
+        prog = partial / "progress.json"
+        if prog.exists() and json.loads(prog.read_text()).get("fingerprint") == fingerprint:
+            state = json.loads(prog.read_text())
+            hidden = torch.load(partial / "activations.pt")
+            log.warning("resuming %s after layer %d of %d", out, state["done"], len(layers))
+        else:
+            shutil.rmtree(partial, ignore_errors=True)
+            partial.mkdir(parents=True)
+        state["fingerprint"] = fingerprint
+        w = ShardWriter(partial, max_shard_bytes)
+        w.shards = [list(s) for s in state["shards"]]
+        w.total_bytes = state["total_bytes"]
+
+    report = QuantReport(recipe.name, quantized=[t.name for t in targets.experts] + [t.name for t in targets.linears],
+                         excluded=list(targets.excluded), tokens_per_expert=dict(state["tokens_per_expert"]),
+                         never_routed={}, calib_all_experts=calib_all_experts,
+                         calib_tokens=sum(b.numel() for b in calib), calib_batches=len(calib))
+    bar = tqdm(range(state["done"], len(layers)), desc="layers", disable=not progress, unit="layer")
+    for i in bar:
+        if stop_after_layers is not None and i >= stop_after_layers:
+            raise KeyboardInterrupt(f"simulated interruption before layer {i}")
+        own = [n for n in names if n.startswith(prefixes[i])]
+        mat.load(own)
+        session = Session(model, recipe, _sub_targets(targets, prefixes[i]))
+        session.attach(calib_all_experts)
+        try:
+            new_hidden = []
+            for h, (_, args, kwargs) in zip(hidden, calls[i]):
+                o = layers[i](h.to(device), *args, **kwargs)
+                new_hidden.append((o[0] if isinstance(o, tuple) else o).to("cpu"))
+            session.reduce_stats()
+            _check_coverage(session, report, calibrated=True)
+            session.finalize()
+        finally:
+            session.detach()
+        for st in session.experts:
+            report.tokens_per_expert[st.target.name] = st.tokens.tolist()
+        if write:
+            quantized = {}
+            for st in session.experts:
+                for p in st.target.projs:
+                    quantized[f"{st.target.name}.{p}"] = (st, p)
+            quantized.update({f"{n}.weight": (st, None) for n, st in session.linears.items()})
+            for n in own:
+                if n in quantized:
+                    st, p = quantized[n]
+                    (_write_linear(w, layout, recipe, st, plan[n]) if p is None else
+                     _write_experts(w, layout, recipe, st, p, plan[n]))
+                elif n not in tied:
+                    for key in dict.fromkeys(piece.key for piece in plan[n]):
+                        w.add(key, reader[key])
+            w.flush()
+        mat.free(own)
+        hidden = new_hidden
+        if write:
+            torch.save(hidden, partial / "activations.pt")
+            state.update(done=i + 1, shards=w.shards, total_bytes=w.total_bytes, tokens_per_expert=report.tokens_per_expert)
+            (partial / "progress.json").write_text(json.dumps(state))
+    report.never_routed = {n: [e for e, c in enumerate(v) if c == 0] for n, v in report.tokens_per_expert.items()}
+    report.calib_seconds = time.perf_counter() - t0
+    if not write:
+        return report, None
+
+    for n in outer:
+        if n not in tied:
+            for key in dict.fromkeys(piece.key for piece in plan[n]):
+                w.add(key, reader[key])
+    w.close()
+    (partial / "activations.pt").unlink(missing_ok=True)
+    (partial / "progress.json").unlink(missing_ok=True)
+    probe = Session(model, recipe, targets)
+    _write_config(model, partial, layout, recipe, _ignore_list(probe, plan))
+    _copy_source_files(model, partial)
+    (partial / SIDECAR).write_text(json.dumps({
+        "recipe": {**recipe.__dict__, "exclude": list(recipe.exclude)}, "layout": layout,
+        "excluded_modules": list(targets.excluded), "never_routed": report.never_routed,
+        "tokens_per_expert": report.tokens_per_expert, "streaming": True}, indent=1) + "\n")
+    if out.exists():
+        shutil.rmtree(out)
+    partial.rename(out)
+    n_tensors = sum(len(s) for s in w.shards)
+    exp = ExportReport(str(out), layout, recipe.name, time.perf_counter() - t0, w.total_bytes, n_tensors,
+                       _ignore_list(probe, plan), report.never_routed)
+    return report, exp
