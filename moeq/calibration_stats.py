@@ -85,7 +85,8 @@ class ExpertsState:
         self.all_experts_tokens += x.shape[0]
 
     @torch.no_grad()
-    def finalize(self) -> None:
+    def finalize(self, cache_fake_quant: bool = True) -> None:
+        """cache_fake_quant=False (streaming export) computes scales only, no weight copy."""
         t, r = self.target, self.recipe
         for p in t.projs:
             w = t.nk(p).detach()
@@ -96,7 +97,8 @@ class ExpertsState:
                 self.up_amax = w[:, u].abs().amax(dim=(1, 2)).float()
                 amax = torch.maximum(self.gate_amax, self.up_amax)  # one global scale per pair
             self.w_amax[p] = amax
-            self.fq_weight[p] = t.from_nk(fake_quant_weight(r, w, amax)).to(w.dtype)
+            if cache_fake_quant:
+                self.fq_weight[p] = t.from_nk(fake_quant_weight(r, w, amax)).to(w.dtype)
             if r.input is not None:
                 self.in_param[p] = input_scale_param(r, self.input_amax(p))
         self.mode = "quantize"
@@ -142,11 +144,12 @@ class LinearState:
         self.calls += 1
 
     @torch.no_grad()
-    def finalize(self, w_amax: torch.Tensor, in_amax: torch.Tensor) -> None:
+    def finalize(self, w_amax: torch.Tensor, in_amax: torch.Tensor, cache_fake_quant: bool = True) -> None:
         """w_amax / in_amax: shared over the sibling group (q/k/v, gate/up)."""
         w = self.target.module.weight.detach()
         self.w_amax, self.shared_in_amax = w_amax, in_amax
-        self.fq_weight["weight"] = fake_quant_weight(self.recipe, w, w_amax).to(w.dtype)
+        if cache_fake_quant:
+            self.fq_weight["weight"] = fake_quant_weight(self.recipe, w, w_amax).to(w.dtype)
         if self.recipe.input is not None:
             self.in_param = input_scale_param(self.recipe, in_amax)
         self.mode = "quantize"

@@ -88,6 +88,73 @@ def _windows(tokenizer, source, seq_len, n, model_config):
         raise CliError(str(e)) from e
 
 
+def _mem_available() -> int | None:
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+def _init_distributed() -> tuple[int, int]:
+    """(rank, world size); joins the torchrun process group when launched by torchrun."""
+    import os
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return 0, 1
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        if torch.cuda.is_available():
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    return dist.get_rank(), dist.get_world_size()
+
+
+def cmd_quantize_streaming(a, path: Path, out: Path, rank: int, world: int) -> int:
+    import transformers
+
+    from .coverage import write_coverage
+    from .streaming import quantize_streaming
+
+    if a.eval:
+        raise CliError("--eval needs the whole model in memory; with --streaming run `moeq eval` afterwards")
+    t0 = time.perf_counter()
+    tok = transformers.AutoTokenizer.from_pretrained(path)
+    config = transformers.AutoConfig.from_pretrained(path)
+    windows = _windows(tok, a.calib, a.seq_len, a.samples, config)[rank::world]
+    recipe = _recipe(a)
+    device = "cuda" if a.device == "cuda" or (a.device == "auto" and torch.cuda.is_available()) else "cpu"
+    dtype = None if a.dtype == "auto" else getattr(torch, a.dtype)
+    report, exp = quantize_streaming(path, recipe, D.batches(windows, a.batch_size), out, a.layout,
+                                     calib_all_experts=a.calib_all_experts, overwrite=a.overwrite, device=device,
+                                     dtype=dtype, write=rank == 0)
+    if rank != 0:
+        return 0
+    png, js = write_coverage(report.tokens_per_expert, out) if report.tokens_per_expert else (None, None)
+    never = sum(len(v) for v in report.never_routed.values())
+    print("\n".join([
+        "", f"moeq quantize --streaming: {path} -> {out}",
+        f"  recipe / layout      {recipe.name} / {a.layout}",
+        f"  time                 {time.perf_counter() - t0:.1f}s",
+        f"  tokens calibrated    {report.calib_tokens * world} ({world} process{'es' if world > 1 else ''})",
+        f"  modules              {len(report.quantized)} quantized, {len(report.excluded)} excluded",
+        f"  experts never routed {never}",
+        f"  size                 {_weights_bytes(path) / 2**20:.1f} MiB -> {_weights_bytes(out) / 2**20:.1f} MiB",
+        f"  expert coverage      {png}, {js}"]))
+    return 0
+
+
+def _recipe(a):
+    import moeq
+
+    recipe = moeq.get_recipe(a.recipe)
+    return recipe.with_exclude(add=a.exclude) if a.exclude else recipe
+
+
 def cmd_quantize(a) -> int:
     import moeq
 
@@ -97,11 +164,20 @@ def cmd_quantize(a) -> int:
     out = Path(a.out or f"moeq-{'demo' if a.model == 'demo' else Path(a.model).name}-{a.recipe}")
     if out.exists() and any(out.iterdir()) and not a.overwrite:
         raise CliError(f"output directory {out} exists and is not empty; choose another --out or pass --overwrite")
+    rank, world = _init_distributed()
+    path = _model_path(a.model)
+    avail = _mem_available()
+    if not a.streaming and avail and _weights_bytes(path) > 0.8 * avail and not a.device_map:
+        log.warning("the checkpoint (%.1f GiB) would not fit in available memory (%.1f GiB): using --streaming",
+                    _weights_bytes(path) / 2**30, avail / 2**30)
+        a.streaming = True
+    if a.streaming:
+        return cmd_quantize_streaming(a, path, out, rank, world)
     model, tok, path = load_model(a.model, a.device, a.dtype, a.device_map)
     calib_src = "demo" if a.calib == "demo" else a.calib
     if calib_src == "demo" and a.model != "demo":
         log.warning("calibrating a user model on the demo text (Python code); pass --calib with text of your domain")
-    windows = _windows(tok, calib_src, a.seq_len, a.samples, model.config)
+    windows = _windows(tok, calib_src, a.seq_len, a.samples, model.config)[rank::world]
     calib = D.batches(windows, a.batch_size)
     base = evalb = None
     if a.eval:
@@ -110,10 +186,10 @@ def cmd_quantize(a) -> int:
             raise CliError("--eval needs --eval-data FILE for a non-demo model (held-out text, not the calibration text)")
         evalb = D.batches(_windows(tok, eval_src, a.seq_len, a.eval_samples, model.config), a.batch_size)
         base = copy.deepcopy(model)
-    recipe = moeq.get_recipe(a.recipe)
-    if a.exclude:
-        recipe = recipe.with_exclude(add=a.exclude)
+    recipe = _recipe(a)
     report = moeq.quantize(model, recipe, calib, calib_all_experts=a.calib_all_experts)
+    if rank != 0:
+        return 0  # statistics were reduced across ranks inside quantize; rank 0 writes
     ev = moeq.evaluate.compare(base, model, evalb, progress=True) if a.eval else None
     exp = moeq.export(model, out, a.layout, overwrite=a.overwrite)
     png, js = write_coverage(report.tokens_per_expert, out) if report.tokens_per_expert else (None, None)
@@ -188,6 +264,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--calib-all-experts", action="store_true", help="every expert's statistics see every token")
     q.add_argument("--exclude", action="append", default=[], help="extra fnmatch pattern of modules to leave unquantized")
     q.add_argument("--device-map", help="accelerate device map for models bigger than one device (e.g. auto)")
+    q.add_argument("--streaming", action="store_true",
+                   help="layer by layer from the checkpoint shards (automatic when the model does not fit in memory)")
     q.add_argument("--eval", action="store_true", help="perplexity / KL before and after on held-out text")
     q.add_argument("--eval-data", help="held-out text for --eval (default: the demo eval split for the demo model)")
     q.add_argument("--eval-samples", type=int, default=32)

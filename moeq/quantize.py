@@ -101,14 +101,14 @@ class Session:
             reduce(st.in_amax, dist.ReduceOp.MAX)
             st.calls = int(reduce(torch.tensor([st.calls], dtype=torch.int64), dist.ReduceOp.SUM)[0])
 
-    def finalize(self) -> None:
+    def finalize(self, cache_fake_quant: bool = True) -> None:
         for st in self.experts:
-            st.finalize()
+            st.finalize(cache_fake_quant)
         for st in self.linears.values():
             group = [self.linears[n] for n in st.target.group]
             w_amax = torch.stack([g.target.module.weight.detach().abs().amax().float() for g in group]).max()
             in_amax = torch.stack([g.in_amax for g in group]).max()
-            st.finalize(w_amax, in_amax)
+            st.finalize(w_amax, in_amax, cache_fake_quant)
 
 
 def _check_shapes(targets: Targets, recipe: Recipe) -> None:
@@ -198,6 +198,7 @@ def quantize(
             finally:
                 model.train(was_training)
         session.reduce_stats()
+        report.calib_tokens, report.calib_batches = _sum_over_ranks(report.calib_tokens, report.calib_batches)
         _check_coverage(session, report, calibrated=calib_data is not None)
         session.finalize()
     except BaseException:
@@ -222,6 +223,18 @@ def quantize(
     session.report = report
     setattr(model, SESSION_ATTR, session)
     return report
+
+
+def _sum_over_ranks(*counts: int) -> tuple[int, ...]:
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return counts
+    t = torch.tensor(counts, dtype=torch.int64)
+    if dist.get_backend() == "nccl":
+        t = t.cuda()
+    dist.all_reduce(t)
+    return tuple(int(v) for v in t.tolist())
 
 
 def _check_coverage(session: Session, report: QuantReport, calibrated: bool) -> None:

@@ -211,7 +211,7 @@ def quantize_streaming(model_path, recipe: "str | Recipe", calib_batches, out_di
                 new_hidden.append((o[0] if isinstance(o, tuple) else o).to("cpu"))
             session.reduce_stats()
             _check_coverage(session, report, calibrated=True)
-            session.finalize()
+            session.finalize(cache_fake_quant=False)
         finally:
             session.detach()
         for st in session.experts:

@@ -69,33 +69,40 @@ def _emit(w: ShardWriter, layout, recipe, prefix, q, amax, in_amax, k: int):
             w.add(f"{prefix}.{name}", t)
 
 
+# Experts are quantized in chunks of whole experts so transient fp32 copies stay bounded
+# (quantizing a chunk is bit-identical to quantizing the whole stack: the formats are
+# vectorized over leading dims).
+_CHUNK_BYTES = 256 << 20
+
+
 def _write_experts(w, layout, recipe, st, proj: str, pieces: list[Piece]):
     t = st.target
     w_nk = t.nk(proj).detach()
     amax = st.w_amax[proj]
-    q = quantize_weight(recipe, w_nk, amax)
     in_amax = st.input_amax(proj) if recipe.input is not None else None
-    K = w_nk.shape[-1]
-
-    def emit(prefix, e, rows):
-        ia = None if in_amax is None else (in_amax if in_amax.dim() == 0 else in_amax[e])
-        _emit(w, layout, recipe, prefix, _slice(q, e, rows), amax[e], ia, K)
-
-    for piece in pieces:
-        if piece.rows is None:  # the checkpoint keeps the stack fused: split per expert ourselves
-            prefix = piece.key.rsplit(".", 1)[0]
-            if proj == t.projs[0] and t.has_gate:
-                g, u = t.gate_up_rows(w_nk.shape[1])
-                leaves = (("gate_proj", g), ("up_proj", u))
-            else:
-                leaves = (("up_proj" if proj == t.projs[0] else "down_proj", None),)
-            for e in range(t.num_experts):
-                for leaf, rows in leaves:
-                    emit(f"{prefix}.{e}.{leaf}", e, rows)
-        elif piece.key.endswith(".weight"):
-            emit(piece.key[: -len(".weight")], piece.expert, piece.rows)
+    E, N, K = w_nk.shape
+    if any(piece.rows is None for piece in pieces):  # the checkpoint keeps the stack fused: split per expert ourselves
+        if len(pieces) != 1:
+            raise NotImplementedError(f"{t.name}.{proj}: mixed fused and split checkpoint keys")
+        prefix = pieces[0].key.rsplit(".", 1)[0]
+        if proj == t.projs[0] and t.has_gate:
+            g, u = t.gate_up_rows(N)
+            leaves = (("gate_proj", g), ("up_proj", u))
         else:
-            raise NotImplementedError(f"checkpoint key {piece.key} for {piece.param} does not end in .weight")
+            leaves = (("up_proj" if proj == t.projs[0] else "down_proj", None),)
+        units = [(f"{prefix}.{e}.{leaf}", e, rows) for e in range(E) for leaf, rows in leaves]
+    else:
+        for piece in pieces:
+            if not piece.key.endswith(".weight"):
+                raise NotImplementedError(f"checkpoint key {piece.key} for {piece.param} does not end in .weight")
+        units = [(piece.key[: -len(".weight")], piece.expert, piece.rows) for piece in pieces]
+    step = max(1, _CHUNK_BYTES // max(1, N * K * 4))
+    for s in range(0, E, step):
+        q = quantize_weight(recipe, w_nk[s:s + step], amax[s:s + step])
+        for prefix, e, rows in units:
+            if s <= e < s + step:
+                ia = None if in_amax is None else (in_amax if in_amax.dim() == 0 else in_amax[e])
+                _emit(w, layout, recipe, prefix, _slice(q, e - s, rows), amax[e], ia, K)
 
 
 def _write_linear(w, layout, recipe, st, pieces: list[Piece]):

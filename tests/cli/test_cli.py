@@ -15,26 +15,14 @@ from moeq.cli import main
 from moeq.data import DEMO_CALIB, DEMO_EVAL
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import tiny_models as tm  # noqa: E402
+from model_dirs import make_model_dir  # noqa: E402
 
 SMALL = ["--samples", "4", "--seq-len", "32", "--batch-size", "4"]
 
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    """A checkpoint directory like a user's: tiny Qwen3.5-MoE + a byte-level BPE tokenizer."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    d = tmp_path_factory.mktemp("user_model")
-    text = DEMO_CALIB.read_text()[:200_000]
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    tok.train_from_iterator([text], trainers.BpeTrainer(vocab_size=256, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="Ġ").save_pretrained(d)
-    tm.tiny_model("qwen3_5_moe").save_pretrained(d)
-    return d
+    return make_model_dir(tmp_path_factory.mktemp("user_model"))
 
 
 @pytest.fixture(scope="module")
