@@ -29,6 +29,17 @@ def round_to_codes(x: torch.Tensor) -> torch.Tensor:
     return mag | ((x < 0).to(torch.uint8) << 3)
 
 
+def round_to_values(x: torch.Tensor) -> torch.Tensor:
+    """Round already-scaled float values to the nearest E2M1 value (same ties and saturation
+    as round_to_codes, without going through codes): the fake-quant hot path. The grid has
+    step 0.5 below 2, 1 below 4 and 2 up to 6, and torch.round rounds half to even, which
+    is the even code at every tie."""
+    a = x.abs().clamp_(max=FP4_MAX)
+    step = torch.where(a < 2, 0.5, torch.where(a < 4, 1.0, 2.0))
+    v = torch.round(a / step) * step
+    return torch.where(x < 0, -v, v)  # same signed zeros as the code path
+
+
 def decode(codes: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """E2M1 codes (uint8 0..15) -> values; code 8 decodes to -0.0."""
     if codes.dtype != torch.uint8:

@@ -83,8 +83,7 @@ def fake_quant_with_global_scale(x: torch.Tensor, gs: torch.Tensor, block_size: 
     block_amax = xb.abs().amax(dim=-1, keepdim=True)
     bs = (gs.unsqueeze(-1) * (block_amax / fp4.FP4_MAX)).clamp(SCALE_FLOOR, E4M3_MAX).to(torch.float8_e4m3fn)
     eff = torch.where(block_amax == 0, 1.0, bs.float()) / gs.unsqueeze(-1)
-    codes = fp4.round_to_codes((xb / eff).clamp(-fp4.FP4_MAX, fp4.FP4_MAX))
-    return (fp4.decode(codes) * eff).flatten(-2).to(x.dtype)
+    return (fp4.round_to_values(xb / eff) * eff).flatten(-2).to(x.dtype)
 
 
 def fake_quant(x: torch.Tensor, amax, block_size: int = BLOCK_SIZE) -> torch.Tensor:
