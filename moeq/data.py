@@ -38,7 +38,7 @@ def read_text(source: "str | Path") -> str:
 
 def token_windows(tokenizer, text: str, seq_len: int, max_windows: int | None = None) -> torch.Tensor:
     """Non-overlapping windows [n, seq_len] of the tokenized text (the tail is dropped)."""
-    ids = tokenizer(text, add_special_tokens=False, return_attention_mask=False)["input_ids"]
+    ids = tokenizer(text, add_special_tokens=False, return_attention_mask=False, verbose=False)["input_ids"]
     n = len(ids) // seq_len
     if n == 0:
         raise ValueError(f"the text has {len(ids)} tokens, fewer than one window of --seq-len {seq_len}")

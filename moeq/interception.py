@@ -214,35 +214,60 @@ class LinearIntercept(_Intercept):
         return func(*args, **kwargs)
 
 
+def _pop_if_top(mode: TorchFunctionMode) -> None:
+    """Exit `mode` if it is the innermost torch function mode of this thread."""
+    n = torch._C._len_torch_function_stack()
+    if n and torch._C._get_function_stack_at(n - 1) is mode:
+        mode.__exit__(None, None, None)
+
+
 class Hooks:
-    """Pre/post forward hooks that scope one intercept mode to each module call."""
+    """Pre/post forward hooks that scope one intercept mode to each module call.
+
+    The post hook runs with always_call=True, so an exception in the forward pops the mode.
+    A KeyboardInterrupt (not an Exception) skips forward hooks in torch; a mode left behind
+    that way is popped at the module's next call and by `remove()`.
+    """
 
     def __init__(self):
         self.handles = []
+        self.by_module: dict[int, list] = {}
         self._local = threading.local()
 
     def attach(self, module: torch.nn.Module, make_mode, before=None):
         def pre(mod, args, kwargs):
+            stack = self._stack(mod)
+            while stack:  # stale: an interrupted call of this (non-reentrant) module
+                _pop_if_top(stack.pop())
             if before is not None:
                 before(args, kwargs)
             mode = make_mode()
-            stack = self._stack(mod)
             mode.__enter__()
             stack.append(mode)
 
         def post(mod, args, kwargs, output):
             stack = self._stack(mod)
             if stack:
-                stack.pop().__exit__(None, None, None)
+                _pop_if_top(stack.pop())
 
-        self.handles.append(module.register_forward_pre_hook(pre, with_kwargs=True))
-        self.handles.append(module.register_forward_hook(post, with_kwargs=True, always_call=True))
+        pair = [module.register_forward_pre_hook(pre, with_kwargs=True),
+                module.register_forward_hook(post, with_kwargs=True, always_call=True)]
+        self.by_module.setdefault(id(module), []).extend(pair)
+        self.handles.extend(pair)
 
     def _stack(self, mod) -> list:
         stacks = self._local.__dict__.setdefault("stacks", {})
         return stacks.setdefault(id(mod), [])
 
-    def remove(self):
-        for h in self.handles:
+    def remove(self, module: torch.nn.Module | None = None):
+        """Remove the hooks of one module, or all of them (and any mode left on this thread)."""
+        stacks = self._local.__dict__.get("stacks", {})
+        for key in ([id(module)] if module is not None else list(stacks)):
+            for mode in reversed(stacks.pop(key, [])):
+                _pop_if_top(mode)
+        handles = self.by_module.pop(id(module), []) if module is not None else self.handles
+        for h in handles:
             h.remove()
-        self.handles.clear()
+        if module is None:
+            self.handles.clear()
+            self.by_module.clear()

@@ -76,6 +76,10 @@ class Session:
     def detach(self) -> None:
         self.hooks.remove()
 
+    def __deepcopy__(self, memo):
+        raise TypeError("a moeq-quantized model cannot be deep-copied (its hooks point at this model's state); "
+                        "deep-copy the model before moeq.quantize, or export it and moeq.load the export twice")
+
     def reduce_stats(self) -> None:
         """Multi-process calibration: combine statistics over all ranks (max for amax, sum for
         counts) with the process group's collective library (gloo on CPU, NCCL on GPU)."""
@@ -204,11 +208,10 @@ def quantize(
     except BaseException:
         session.detach()
         raise
-    for st in session.experts:
+    for st in session.experts if calib_data is not None else ():  # unknown without calibration
         counts = st.tokens.tolist()
         report.tokens_per_expert[st.target.name] = counts
-        never = [e for e, c in enumerate(counts) if c == 0]
-        report.never_routed[st.target.name] = never
+        report.never_routed[st.target.name] = [e for e, c in enumerate(counts) if c == 0]
     n_never = sum(len(v) for v in report.never_routed.values())
     if n_never and calib_data is not None:
         if calib_all_experts:
@@ -238,15 +241,30 @@ def _sum_over_ranks(*counts: int) -> tuple[int, ...]:
 
 
 def _check_coverage(session: Session, report: QuantReport, calibrated: bool) -> None:
-    """Every quantized module must have been seen by its interceptor during calibration."""
+    """Every quantized module must have been seen by its interceptor during calibration.
+
+    A module whose weight never went through a recognized op (e.g. Jamba's dt_proj, whose
+    weight is multiplied outside its own forward) cannot be fake-quantized in memory, so it
+    is moved to the excluded list (and the export's exclude list) with a warning: the
+    in-memory model and the export stay identical, and nothing is skipped silently."""
     if not calibrated:
         return
-    unseen = [st.target.name for st in session.experts if st.calls == 0]
-    unseen += [n for n, st in session.linears.items() if st.calls == 0]
+    unseen = [st for st in session.experts if st.calls == 0]
+    unseen += [st for st in session.linears.values() if st.calls == 0]
     if not unseen:
         return
-    msg = ("these modules never ran a recognized op during calibration: " + ", ".join(unseen))
-    if session.recipe.input is not None:
-        raise CoverageError(msg + ". Their input scales cannot be calibrated; exclude them or use calibration data that reaches them.")
-    report.warnings.append(msg + " (weight-only recipe: weights are still quantized)")
-    log.warning(report.warnings[-1])
+    names = [st.target.name for st in unseen]
+    for st in unseen:
+        session.hooks.remove(st.target.module)
+    session.experts = [st for st in session.experts if st.calls]
+    session.linears = {n: st for n, st in session.linears.items() if st.calls}
+    t = session.targets
+    t.experts = [x for x in t.experts if x.name not in names]
+    t.linears = [x for x in t.linears if x.name not in names]
+    t.excluded = sorted(set(t.excluded) | set(names))
+    report.quantized = [n for n in report.quantized if n not in names]
+    report.excluded = list(t.excluded)
+    msg = ("these modules never used their weight in a recognized op during calibration and stay unquantized "
+           "(listed in the export's exclude list): " + ", ".join(names))
+    report.warnings.append(msg)
+    log.warning(msg)

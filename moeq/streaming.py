@@ -30,7 +30,7 @@ from accelerate.utils import set_module_tensor_to_device
 from torch import nn
 from tqdm.auto import tqdm
 
-from .export.export import SIDECAR, ExportReport, _copy_source_files, _ignore_list, _write_config, _write_experts, _write_linear
+from .export.export import SIDECAR, ExportReport, _check_shared_keys, _copy_source_files, _ignore_list, _write_config, _write_experts, _write_linear
 from .export.layouts import check_supported
 from .export.load import CheckpointReader
 from .export.plan import checkpoint_plan, fill_from_checkpoint
@@ -146,8 +146,8 @@ def quantize_streaming(model_path, recipe: "str | Recipe", calib_batches, out_di
     model.config._name_or_path = str(path)
     targets = find_targets(model, recipe)
     _check_shapes(targets, recipe)
-    transposed = {f"{t.name}.{p}" for t in targets.experts if t.is_transposed for p in t.projs}
-    plan = checkpoint_plan(model, transposed)
+    plan = checkpoint_plan(model)
+    _check_shared_keys(plan, {f"{t.name}.{p}" for t in targets.experts for p in t.projs} | {f"{t.name}.weight" for t in targets.linears})
     tied = _tied_duplicates(model)
     mat = _Materializer(model, plan, reader, device, tied)
     layers_name, layers = decoder_layers(model)
@@ -202,7 +202,8 @@ def quantize_streaming(model_path, recipe: "str | Recipe", calib_batches, out_di
             raise KeyboardInterrupt(f"simulated interruption before layer {i}")
         own = [n for n in names if n.startswith(prefixes[i])]
         mat.load(own)
-        session = Session(model, recipe, _sub_targets(targets, prefixes[i]))
+        sub = _sub_targets(targets, prefixes[i])
+        session = Session(model, recipe, sub)
         session.attach(calib_all_experts)
         try:
             new_hidden = []
@@ -211,6 +212,11 @@ def quantize_streaming(model_path, recipe: "str | Recipe", calib_batches, out_di
                 new_hidden.append((o[0] if isinstance(o, tuple) else o).to("cpu"))
             session.reduce_stats()
             _check_coverage(session, report, calibrated=True)
+            dropped = set(sub.excluded) - set(targets.excluded)
+            if dropped:  # modules moved to the exclude list by the coverage check
+                targets.experts = [t for t in targets.experts if t.name not in dropped]
+                targets.linears = [t for t in targets.linears if t.name not in dropped]
+                targets.excluded = sorted(set(targets.excluded) | dropped)
             session.finalize(cache_fake_quant=False)
         finally:
             session.detach()

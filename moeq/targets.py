@@ -76,7 +76,7 @@ class Targets:
     excluded: list[str]  # module names matched by an exclude pattern that hold weights
 
 
-def _is_experts_module(m: nn.Module) -> bool:
+def is_experts_module(m: nn.Module) -> bool:
     has_3d = any(p.dim() == 3 for p in m.parameters(recurse=False))
     return has_3d and hasattr(m, "has_gate") and hasattr(m, "is_transposed")
 
@@ -88,10 +88,10 @@ def find_targets(model: nn.Module, recipe: Recipe) -> Targets:
         own = dict(m.named_parameters(recurse=False))
         if not own:
             continue
-        if recipe.excludes(name):
-            excluded.append(name)
+        if recipe.excludes(name) or isinstance(m, nn.modules.conv._ConvNd):
+            excluded.append(name)  # convolutions have no quantized layout in the engines: by type, not name
             continue
-        if _is_experts_module(m):
+        if is_experts_module(m):
             first = "gate_up_proj" if m.has_gate else "up_proj"
             projs = (first, "down_proj")
             for p in projs:

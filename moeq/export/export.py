@@ -115,6 +115,20 @@ def _write_linear(w, layout, recipe, st, pieces: list[Piece]):
         _emit(w, layout, recipe, piece.key[: -len(".weight")], _slice(q, None, piece.rows), st.w_amax, in_amax, weight.shape[1])
 
 
+def _check_shared_keys(plan: dict[str, list[Piece]], quantized) -> None:
+    """A checkpoint key that holds rows of several parameters (e.g. one fused in_proj on disk,
+    split in memory) can only be written when none of them is quantized."""
+    owners: dict[str, set[str]] = {}
+    for name, pieces in plan.items():
+        for p in pieces:
+            owners.setdefault(p.key, set()).add(name)
+    for key, names in owners.items():
+        if len(names) > 1 and names & set(quantized):
+            raise NotImplementedError(
+                f"checkpoint key {key} holds the parameters {sorted(names)}, which moeq would quantize separately; "
+                f"exclude all of {sorted(n.rsplit('.', 1)[0] for n in names)} (Recipe.with_exclude) to export this model")
+
+
 def _ignore_list(session: Session, plan: dict[str, list[Piece]]) -> list[str]:
     names = set()
     for m in session.targets.excluded:
@@ -162,8 +176,8 @@ def export(model: nn.Module, out_dir, layout: str = "modelopt", *, overwrite: bo
     t0 = time.perf_counter()
     sources = {f"{st.target.name}.{p}": (st, p) for st in session.experts for p in st.target.projs}
     sources.update({f"{n}.weight": (st, None) for n, st in session.linears.items()})
-    transposed = {f"{st.target.name}.{p}" for st in session.experts if st.target.is_transposed for p in st.target.projs}
-    plan = checkpoint_plan(model, transposed)
+    plan = checkpoint_plan(model)
+    _check_shared_keys(plan, sources)
     ignore = _ignore_list(session, plan)
     sd = model.state_dict(keep_vars=True)
     plain = revert_weight_conversion(model, {n: sd[n].detach() for n in plan if n not in sources})

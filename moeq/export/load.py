@@ -109,13 +109,18 @@ def load(path, *, dtype: torch.dtype | None = None, experts_implementation: str 
         raise ValueError(f"{path} is not a quantized checkpoint (no quantization_config); load it with transformers directly")
     layout, recipe = recipe_from_config(qc)
     if (path / SIDECAR).exists():
-        side = json.loads((path / SIDECAR).read_text())["recipe"]
-        recipe = Recipe(**{**side, "exclude": tuple(side["exclude"])})
+        side = json.loads((path / SIDECAR).read_text())
+        r = side["recipe"]
+        recipe = Recipe(**{**r, "exclude": tuple(r["exclude"])}).with_exclude(add=side.get("excluded_modules", []))
     reader = CheckpointReader(path)
     model = _model_from_config(path, dtype, experts_implementation)
     targets = find_targets(model, recipe)
-    transposed = {f"{t.name}.{p}" for t in targets.experts if t.is_transposed for p in t.projs}
-    plan = checkpoint_plan(model, transposed)
+    plan = checkpoint_plan(model)
+    # a module the checkpoint stores unquantized (listed in its exclude list) loads as plain weights
+    stored = {t.name: all(p.key.endswith(".weight") and _is_quantized(reader, p.key[: -len(".weight")])
+                          for p in plan[f"{t.name}.weight"]) for t in targets.linears}
+    targets.excluded += [n for n, q in stored.items() if not q]
+    targets.linears = [t for t in targets.linears if stored[t.name]]
     session = Session(model, recipe, targets)
     params = model.state_dict(keep_vars=True)
     done = set()
