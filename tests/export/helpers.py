@@ -1,0 +1,186 @@
+"""Shared pieces of the export tests: a cache of tiny models quantized once per preset and
+exported once per layout, checkpoint readers, and the key conventions of the two layouts.
+
+Everything is keyed by (model_type, preset[, layout]) so the whole suite quantizes each tiny
+model once per preset; tests must not mutate what they get from the cache.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import re
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+from torch import nn
+
+import moeq
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # tests/
+import tiny_models as tm  # noqa: E402
+
+PRESETS = ("fp8", "nvfp4", "w4a16-nvfp4", "w4a16-int4")
+LAYOUTS = ("modelopt", "compressed-tensors")
+NVFP4_PRESETS = ("nvfp4", "w4a16-nvfp4")
+
+# Per-module tensors that carry quantization parameters rather than the module's weight.
+QPARAMS = ("weight_scale", "weight_scale_2", "input_scale", "weight_global_scale", "input_global_scale",
+           "weight_shape", "weight_zero_point")
+
+# vLLM's packed_modules_mapping: checkpoint siblings it loads into one GEMM. Their NVFP4
+# weight_scale_2 / input_scale must be equal (vLLM takes the max without requantizing).
+VLLM_FUSED = {
+    "qkv_proj": ("q_proj", "k_proj", "v_proj"),
+    "gate_up_proj": ("gate_proj", "up_proj"),
+    "fused_qkv_a_proj": ("q_a_proj", "kv_a_proj_with_mqa"),  # DeepSeek V2/V3 MLA
+    "in_proj_qkvz": ("in_proj_qkv", "in_proj_z"),  # Qwen3.5 / Qwen3-Next linear attention
+    "in_proj_ba": ("in_proj_b", "in_proj_a"),
+}
+
+_EXPERT_KEY = re.compile(r"^(?P<mod>.*\.experts)\.(?P<e>\d+)\.(?P<leaf>gate_proj|up_proj|down_proj|w1|w2|w3)$")
+# The (gate, up, down) leaf names of per-expert checkpoint modules.
+_LEAVES = {"gate_proj": "gate", "w1": "gate", "up_proj": "up", "w3": "up", "down_proj": "down", "w2": "down"}
+
+
+def expert_leaf(prefix: str):
+    """'...experts.3.w1' -> ('...experts', 3, 'gate'); None for non-expert modules."""
+    m = _EXPERT_KEY.match(prefix)
+    return None if m is None else (m["mod"], int(m["e"]), _LEAVES[m["leaf"]])
+
+
+def read_checkpoint(path) -> dict[str, torch.Tensor]:
+    """Every tensor of a safetensors checkpoint directory (single file or sharded)."""
+    path = Path(path)
+    files = sorted(path.glob("*.safetensors"))
+    assert files, f"no safetensors files in {path}"
+    out = {}
+    for f in files:
+        with safe_open(str(f), "pt") as g:
+            for k in g.keys():
+                assert k not in out, f"key {k} appears in two shards"
+                out[k] = g.get_tensor(k)
+    return out
+
+
+def quantized_modules(sd: dict[str, torch.Tensor]) -> set[str]:
+    """Module prefixes that carry a quantized weight (they all have a weight_scale)."""
+    return {k[: -len(".weight_scale")] for k in sd if k.endswith(".weight_scale")}
+
+
+def logits(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    return tm.forward_output(model, ids)
+
+
+def rel_err(a: torch.Tensor, ref: torch.Tensor) -> float:
+    a, ref = a.double(), ref.double()
+    return float((a - ref).abs().max() / ref.abs().max().clamp_min(1e-30))
+
+
+def quant_config(path) -> dict:
+    return json.loads((Path(path) / "config.json").read_text())["quantization_config"]
+
+
+@dataclass
+class Export:
+    path: Path
+    report: "moeq.ExportReport"
+
+
+class Zoo:
+    """Tiny models, quantized once per preset and exported once per layout (cached)."""
+
+    def __init__(self, root: Path):
+        self.root = root
+        self._base: dict[str, nn.Module] = {}
+        self._quant: dict[tuple, tuple] = {}
+        self._exports: dict[tuple, Export] = {}
+        self._logits: dict[tuple, torch.Tensor] = {}
+        self._plain: dict[str, dict[str, torch.Tensor]] = {}
+
+    def base(self, model_type: str) -> nn.Module:
+        """The unquantized tiny model (fp32); skips the test if its plain forward fails."""
+        if model_type not in self._base:
+            try:
+                m = tm.tiny_model(model_type)
+                logits(m, self.calib_ids(m))
+            except Exception as e:  # a broken tiny config is the factory's problem, not export's
+                self._base[model_type] = e
+            else:
+                self._base[model_type] = m
+        m = self._base[model_type]
+        if isinstance(m, Exception):
+            pytest.skip(f"tiny {model_type} does not run a plain forward: {type(m).__name__}: {m}")
+        return m
+
+    @staticmethod
+    def calib_ids(model) -> torch.Tensor:
+        return tm.random_input_ids(model, batch=2, seq=16, seed=0)
+
+    @staticmethod
+    def eval_ids(model) -> torch.Tensor:
+        return tm.random_input_ids(model, batch=1, seq=8, seed=1)
+
+    def quantized(self, model_type: str, preset: str):
+        """-> (fake-quantized model, QuantReport)."""
+        key = (model_type, preset)
+        if key not in self._quant:
+            m = copy.deepcopy(self.base(model_type))
+            report = moeq.quantize(m, preset, [self.calib_ids(m)], progress=False)
+            self._quant[key] = (m, report)
+        return self._quant[key]
+
+    def quantized_logits(self, model_type: str, preset: str | None) -> torch.Tensor:
+        """Logits on eval_ids of the fake-quant model (preset None: of the unquantized one)."""
+        key = (model_type, preset)
+        if key not in self._logits:
+            m = self.base(model_type) if preset is None else self.quantized(model_type, preset)[0]
+            self._logits[key] = logits(m, self.eval_ids(m))
+        return self._logits[key]
+
+    def exported(self, model_type: str, preset: str, layout: str) -> Export:
+        key = (model_type, preset, layout)
+        if key not in self._exports:
+            m, _ = self.quantized(model_type, preset)
+            out = self.root / f"{model_type}-{preset}-{layout}"
+            self._exports[key] = Export(out, moeq.export(m, out, layout, progress=False))
+        return self._exports[key]
+
+    def plain(self, model_type: str) -> dict[str, torch.Tensor]:
+        """What `save_pretrained` writes for the unquantized model: the original checkpoint's keys."""
+        if model_type not in self._plain:
+            out = self.root / f"{model_type}-plain"
+            self.base(model_type).save_pretrained(out)
+            self._plain[model_type] = read_checkpoint(out)
+        return self._plain[model_type]
+
+    def routers(self, model_type: str) -> list[str]:
+        """Checkpoint module names of the MoE routers (`mlp.gate`, `mlp.router`, `block_sparse_moe.gate`, ...)."""
+        return [self.checkpoint_name(model_type, r) for r in find_routers(self.base(model_type))]
+
+    def checkpoint_name(self, model_type: str, module: str) -> str:
+        """The original checkpoint's name of an in-memory module (Mixtral's `mlp` is `block_sparse_moe` on
+        disk), found by value: the key of the unquantized checkpoint that holds exactly its weight."""
+        w = self.base(model_type).get_submodule(module).weight.detach()
+        hits = [k for k, t in self.plain(model_type).items()
+                if k.endswith(".weight") and t.shape == w.shape and torch.equal(t, w)]
+        assert len(hits) == 1, f"{module}: {hits}"
+        return hits[0][: -len(".weight")]
+
+
+def find_routers(model: nn.Module) -> list[str]:
+    out = []
+    for name, experts in tm.experts_modules(model):
+        parent, _, own = name.rpartition(".")
+        n_experts = experts.down_proj.shape[0]
+        for child, mod in model.get_submodule(parent).named_children():
+            w = getattr(mod, "weight", None)
+            if child != own and isinstance(w, torch.Tensor) and w.dim() == 2 and w.shape[0] == n_experts:
+                out.append(f"{parent}.{child}")
+    assert out, f"no router found in {type(model).__name__}"
+    return out
