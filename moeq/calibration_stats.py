@@ -19,6 +19,11 @@ from .targets import ExpertsTarget, LinearTarget
 _ALL_EXPERTS_CHUNK_ELEMS = 1 << 25
 
 
+def abs_amax(x: torch.Tensor, dims) -> torch.Tensor:
+    """max |x| over dims, in float32, without materializing |x| (weights can be GBs)."""
+    return torch.maximum(x.amax(dim=dims), -x.amin(dim=dims)).float()
+
+
 def _rows_to_ids(rows, n_rows: int, num_experts: int, device) -> tuple[torch.Tensor, torch.Tensor]:
     """Grouped-mm offsets -> (expert id per row, valid mask); rows past offs[-1] are invalid."""
     offs = rows[1].to(torch.int64)
@@ -90,11 +95,11 @@ class ExpertsState:
         t, r = self.target, self.recipe
         for p in t.projs:
             w = t.nk(p).detach()
-            amax = w.abs().amax(dim=(1, 2)).float()
+            amax = abs_amax(w, (1, 2))
             if p == t.projs[0] and t.has_gate:
                 g, u = t.gate_up_rows(w.shape[1])
-                self.gate_amax = w[:, g].abs().amax(dim=(1, 2)).float()
-                self.up_amax = w[:, u].abs().amax(dim=(1, 2)).float()
+                self.gate_amax = abs_amax(w[:, g], (1, 2))
+                self.up_amax = abs_amax(w[:, u], (1, 2))
                 amax = torch.maximum(self.gate_amax, self.up_amax)  # one global scale per pair
             self.w_amax[p] = amax
             if cache_fake_quant:

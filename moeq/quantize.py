@@ -18,7 +18,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .calibration_stats import ExpertsState, LinearState
+from .calibration_stats import ExpertsState, LinearState, abs_amax
 from .interception import ExpertsIntercept, Hooks, LinearIntercept
 from .recipes import Recipe, get_recipe
 from .targets import CoverageError, Targets, find_targets
@@ -110,7 +110,7 @@ class Session:
             st.finalize(cache_fake_quant)
         for st in self.linears.values():
             group = [self.linears[n] for n in st.target.group]
-            w_amax = torch.stack([g.target.module.weight.detach().abs().amax().float() for g in group]).max()
+            w_amax = torch.stack([abs_amax(g.target.module.weight.detach(), (0, 1)) for g in group]).max()
             in_amax = torch.stack([g.in_amax for g in group]).max()
             st.finalize(w_amax, in_amax, cache_fake_quant)
 

@@ -114,11 +114,23 @@ class _Materializer:
             t = torch.empty(shape, dtype=dtype, device=self.device)
             fill_from_checkpoint(t, self.plan[n], self.reader.__getitem__)
             set_module_tensor_to_device(self.model, n, self.device, value=t)
+            self.reader.release()  # mapped shard pages count toward RSS: drop them per parameter
 
     def free(self, names):
         for n in names:
             if n not in self.tied:
                 set_module_tensor_to_device(self.model, n, "meta")
+
+
+def _trim_heap() -> None:
+    """Give freed heap memory back to the OS between layers (glibc keeps per-expert-sized
+    blocks in its arenas otherwise, and RSS creeps up layer after layer)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 def _sub_targets(targets: Targets, prefix: str) -> Targets:
@@ -202,6 +214,7 @@ def quantize_streaming(model_path, recipe: "str | Recipe", calib_batches, out_di
             raise KeyboardInterrupt(f"simulated interruption before layer {i}")
         own = [n for n in names if n.startswith(prefixes[i])]
         mat.load(own)
+        reader.release()
         sub = _sub_targets(targets, prefixes[i])
         session = Session(model, recipe, sub)
         session.attach(calib_all_experts)
@@ -238,6 +251,8 @@ def quantize_streaming(model_path, recipe: "str | Recipe", calib_batches, out_di
                         w.add(key, reader[key])
             w.flush()
         mat.free(own)
+        reader.release()
+        _trim_heap()
         hidden = new_hidden
         if write:
             torch.save(hidden, partial / "activations.pt")

@@ -72,7 +72,7 @@ def _emit(w: ShardWriter, layout, recipe, prefix, q, amax, in_amax, k: int):
 # Experts are quantized in chunks of whole experts so transient fp32 copies stay bounded
 # (quantizing a chunk is bit-identical to quantizing the whole stack: the formats are
 # vectorized over leading dims).
-_CHUNK_BYTES = 256 << 20
+_CHUNK_BYTES = 32 << 20
 
 
 def _write_experts(w, layout, recipe, st, proj: str, pieces: list[Piece]):

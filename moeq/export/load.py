@@ -36,6 +36,10 @@ class CheckpointReader:
             raise FileNotFoundError(f"{path} has no model.safetensors or model.safetensors.index.json")
         self.path, self.files, self._open = path, files, {}
 
+    def release(self) -> None:
+        """Close the shard files: their mapped pages stop counting toward this process's memory."""
+        self._open.clear()
+
     def __contains__(self, key: str) -> bool:
         return key in self.files
 

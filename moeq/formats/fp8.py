@@ -30,7 +30,7 @@ def scale_from_amax(amax) -> torch.Tensor:
 
 
 def _quantize_with_scale(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    return (x.float() / scale).clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn)
+    return (x.float() / scale).clamp_(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn)
 
 
 def quantize(x: torch.Tensor, amax) -> FP8Tensor:
