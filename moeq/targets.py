@@ -23,6 +23,7 @@ SHARED_SCALE_SIBLINGS = (
     ("gate_proj", "up_proj"),
     ("w1", "w3"),
     ("in_proj_qkv", "in_proj_z"),
+    ("q_a_proj", "kv_a_proj_with_mqa"),  # DeepSeek MLA: vLLM loads them as one fused_qkv_a_proj
 )
 
 

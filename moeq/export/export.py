@@ -145,6 +145,7 @@ def _write_config(model: nn.Module, out: Path, layout, recipe, ignore):
     cfg.pop("quantization_config", None)
     if not cfg.get("architectures"):
         cfg["architectures"] = [type(model).__name__]
+    cfg["dtype"] = str(model.dtype).removeprefix("torch.")  # the weights' dtype now, not at load time
     qc, nested = quant_configs(layout, recipe, ignore, __version__)
     cfg["quantization_config"] = qc
     (out / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True, default=str) + "\n")

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-DEFAULT_SHARD_BYTES = 2 << 30
+DEFAULT_SHARD_BYTES = 1 << 30  # a shard is held in memory until written: this bounds export's extra memory
 
 
 class ShardWriter:

@@ -130,10 +130,6 @@ def test_int4_scales_in_model_dtype(bf16_exports):
     assert torch.equal(logits(moeq.load(out), ids), logits(q, ids))
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "BUG: export writes config.json's dtype from model.config (stale after model.to(dtype): it still says "
-    "float32) instead of the parameters' dtype as save_pretrained does; the bf16 tensors on disk are then "
-    "declared float32 and moeq.load(dir) builds a float32 model"))
 def test_config_dtype_is_the_parameters_dtype(bf16_exports, tmp_path):
     src = _bf16_source(bf16_exports.root, "qwen3_moe")
     model = transformers.AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).eval()

@@ -226,18 +226,9 @@ def test_expert_scales_shared_as_vllm_fuses_them(zoo, model_type, preset, layout
             assert len(values) == 1, f"{mod} {role}: {len(values)} different input scales across experts"
 
 
-DEEPSEEK_MLA = (
-    "BUG: DeepSeek MLA q_a_proj and kv_a_proj_with_mqa (vLLM's fused_qkv_a_proj) get different NVFP4 weight "
-    "global scales; vLLM takes the max of the shards' weight_scale_2 without requantizing their block scales, so "
-    "the other shard is dequantized wrong. moeq.targets.SHARED_SCALE_SIBLINGS lacks (q_a_proj, kv_a_proj_with_mqa)"
-)
 
 
-@pytest.mark.parametrize("model_type", [
-    m if m != "deepseek_v3" else pytest.param(m, marks=pytest.mark.xfail(strict=True, raises=AssertionError,
-                                                                          reason=DEEPSEEK_MLA))
-    for m in tm.CORE_MODELS
-])
+@pytest.mark.parametrize("model_type", tm.CORE_MODELS)
 @pytest.mark.parametrize("preset,layout", [c for c in CASES if c[0] in NVFP4_PRESETS])
 def test_vllm_fused_siblings_share_scales(zoo, model_type, preset, layout):
     """Dense modules vLLM loads into one GEMM (q/k/v, gate/up, MLA q_a/kv_a, Qwen3.5 qkv/z) share their NVFP4

@@ -52,6 +52,6 @@ def test_streaming_peak_memory_is_about_one_layer(big_checkpoint, tmp_path):
     assert res["peak_rss"] < 0.4 * size
     # one layer in bf16, its quantized output pending in the shard writer, bounded fp32 chunk
     # transients and the calibration activations; a non-streaming run needs > 1x the checkpoint
-    assert extra < 4 * layer
+    assert extra < 5 * layer
     index = json.loads((tmp_path / "out" / "model.safetensors.index.json").read_text())
     assert any(k.endswith("experts.63.down_proj.weight_scale") for k in index["weight_map"])
