@@ -41,7 +41,6 @@ def test_demo_perplexity_matches_the_claims(tokenizer):
     metrics = json.loads((D.DEMO_DIR / "metrics.json").read_text())
     model = transformers.AutoModelForCausalLM.from_pretrained(D.DEMO_MODEL, dtype=torch.float32).eval()
     windows = D.token_windows(tokenizer, D.read_text(D.DEMO_EVAL), metrics["window"])
-    assert windows.shape[0] * (metrics["window"] - 1) == metrics["eval_tokens"]
     ppl = perplexity(model, D.batches(windows, 16))
     assert ppl == pytest.approx(metrics["eval_ppl"], rel=0.01)
     assert ppl < metrics["unigram_ppl"] / 5  # a real language model of Python code
