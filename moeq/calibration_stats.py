@@ -70,6 +70,57 @@ class ExpertsState:
                 self.tokens.scatter_add_(0, ids, ones)
         self.calls += 1
 
+    def _inputs(self, args, kwargs):
+        """(hidden_states, routing indices or None) of an experts forward call."""
+        hidden = kwargs.get("hidden_states", args[0] if args else None)
+        idx = args[1] if len(args) > 1 else kwargs.get("top_k_index", kwargs.get("router_indices"))
+        if not isinstance(hidden, torch.Tensor):
+            return None, None
+        tokens = hidden.numel() // hidden.shape[-1]
+        ok = (isinstance(idx, torch.Tensor) and not idx.is_floating_point() and idx.dim() == 2
+              and idx.shape[0] == tokens)
+        return hidden, idx if ok else None
+
+    @torch.no_grad()
+    def before_forward(self, args, kwargs, calib_all_experts: bool):
+        """Pre-hook work on the module's own inputs. Every row the first projection multiplies
+        is a copy of a token of hidden_states (gathered per routed expert), so its statistics
+        come from the tokens and the routing, and, with one layer-wide input scale, its fake
+        quant is done once per token instead of once per (token, expert) pair: identical
+        results, top_k times less work. Returns (args, kwargs, info for the intercept)."""
+        hidden, idx = self._inputs(args, kwargs)
+        info = {}
+        if hidden is None:
+            return args, kwargs, info
+        first = self.target.projs[0]
+        if self.mode == "calibrate":
+            if calib_all_experts:
+                self.observe_all_experts(hidden)
+            if idx is not None:
+                self.observe_routed_tokens(hidden, idx)
+                info["observed"] = True
+        elif self.recipe.input is not None and self.in_param[first].dim() == 0:
+            xq = fake_quant_input(self.recipe, hidden, self.in_param[first])
+            if "hidden_states" in kwargs:
+                kwargs = {**kwargs, "hidden_states": xq}
+            else:
+                args = (xq,) + tuple(args[1:])
+            info["quantized"] = True
+        return args, kwargs, info
+
+    @torch.no_grad()
+    def observe_routed_tokens(self, hidden: torch.Tensor, idx: torch.Tensor) -> None:
+        """First-projection statistics from the tokens and their routing (sentinel ids >= E,
+        as expert parallelism uses, are ignored)."""
+        E, first = self.target.num_experts, self.target.projs[0]
+        x = hidden.reshape(-1, hidden.shape[-1])
+        ids = idx.reshape(x.shape[0], -1).long()
+        valid = ids < E
+        per = (x.abs().amax(-1).float().unsqueeze(1) * valid).flatten()
+        ids = ids.clamp(max=E - 1).flatten()
+        self.in_amax[first].scatter_reduce_(0, ids, per, "amax")
+        self.tokens.scatter_add_(0, ids, valid.flatten().long())
+
     @torch.no_grad()
     def observe_all_experts(self, hidden: torch.Tensor) -> None:
         """Every expert's input statistics see every token (the routed output is unchanged)."""

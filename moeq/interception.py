@@ -154,9 +154,13 @@ class _Intercept(TorchFunctionMode):
 
 
 class ExpertsIntercept(_Intercept):
-    def __init__(self, state: ExpertsState):
+    """info: what the module's pre-hook already did for the first projection's input in this
+    call ("observed": statistics from the routing; "quantized": fake-quantized once per token)."""
+
+    def __init__(self, state: ExpertsState, info: dict | None = None):
         t = state.target
         super().__init__(state, {p: t.param(p) for p in t.projs}, stacked=True)
+        self.info = info or {}
 
     def _matmul(self, func, args, kwargs, tagged):
         if len(tagged) != 1:
@@ -185,20 +189,25 @@ class ExpertsIntercept(_Intercept):
         x = args[x_pos]
         xk = x.transpose(-1, -2) if kdim == -2 else x
         st = self.state
+        first = origin.proj == st.target.projs[0]
         if st.mode == "calibrate":
-            st.observe(origin.proj, xk, rows)
+            if first and self.info.get("observed"):
+                st.calls += 1
+            else:
+                st.observe(origin.proj, xk, rows)
         else:
             if isinstance(pos, int):
                 args[pos] = self._weight(w, origin)
             else:
                 kwargs = {**kwargs, pos: self._weight(w, origin)}
-            xq = st.fake_quant_input(origin.proj, xk, rows)
-            args[x_pos] = xq.transpose(-1, -2) if kdim == -2 else xq
+            if not (first and self.info.get("quantized")):
+                xq = st.fake_quant_input(origin.proj, xk, rows)
+                args[x_pos] = xq.transpose(-1, -2) if kdim == -2 else xq
         return func(*args, **kwargs)
 
 
 class LinearIntercept(_Intercept):
-    def __init__(self, state: LinearState):
+    def __init__(self, state: LinearState, info: dict | None = None):
         super().__init__(state, {"weight": state.target.module.weight}, stacked=False)
 
     def _matmul(self, func, args, kwargs, tagged):
@@ -239,11 +248,13 @@ class Hooks:
             stack = self._stack(mod)
             while stack:  # stale: an interrupted call of this (non-reentrant) module
                 _pop_if_top(stack.pop())
+            info = {}
             if before is not None:
-                before(args, kwargs)
-            mode = make_mode()
+                args, kwargs, info = before(args, kwargs)
+            mode = make_mode(info)
             mode.__enter__()
             stack.append(mode)
+            return args, kwargs
 
         def post(mod, args, kwargs, output):
             stack = self._stack(mod)

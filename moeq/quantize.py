@@ -64,14 +64,10 @@ class Session:
 
     def attach(self, calib_all_experts: bool) -> None:
         for st in self.experts:
-            before = None
-            if calib_all_experts:
-                def before(args, kwargs, st=st):
-                    if st.mode == "calibrate":
-                        st.observe_all_experts(kwargs.get("hidden_states", args[0] if args else None))
-            self.hooks.attach(st.target.module, lambda st=st: ExpertsIntercept(st), before)
+            self.hooks.attach(st.target.module, lambda info, st=st: ExpertsIntercept(st, info),
+                              lambda args, kwargs, st=st: st.before_forward(args, kwargs, calib_all_experts))
         for st in self.linears.values():
-            self.hooks.attach(st.target.module, lambda st=st: LinearIntercept(st))
+            self.hooks.attach(st.target.module, lambda info, st=st: LinearIntercept(st, info))
 
     def detach(self) -> None:
         self.hooks.remove()

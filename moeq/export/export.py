@@ -75,27 +75,34 @@ def _emit(w: ShardWriter, layout, recipe, prefix, q, amax, in_amax, k: int):
 _CHUNK_BYTES = 32 << 20
 
 
+def expert_units(t, proj: str, pieces: list[Piece]) -> list[tuple[str, int, "torch.Tensor | slice"]]:
+    """(module prefix in the checkpoint, expert, rows of the [N, K] view) for each quantized
+    per-expert module of one fused projection. When the original checkpoint keeps the stack
+    fused (gpt-oss), it is split per expert here: gate/up de-interleaved or halved."""
+    if any(piece.rows is None for piece in pieces):
+        if len(pieces) != 1:
+            raise NotImplementedError(f"{t.name}.{proj}: mixed fused and split checkpoint keys")
+        prefix = pieces[0].key.rsplit(".", 1)[0]
+        n = t.nk(proj).shape[1]
+        if proj == t.projs[0] and t.has_gate:
+            g, u = t.gate_up_rows(n)
+            leaves = (("gate_proj", g), ("up_proj", u))
+        else:
+            leaves = (("up_proj" if proj == t.projs[0] else "down_proj", slice(None)),)
+        return [(f"{prefix}.{e}.{leaf}", e, rows) for e in range(t.num_experts) for leaf, rows in leaves]
+    for piece in pieces:
+        if not piece.key.endswith(".weight"):
+            raise NotImplementedError(f"checkpoint key {piece.key} for {piece.param} does not end in .weight")
+    return [(piece.key[: -len(".weight")], piece.expert, piece.rows) for piece in pieces]
+
+
 def _write_experts(w, layout, recipe, st, proj: str, pieces: list[Piece]):
     t = st.target
     w_nk = t.nk(proj).detach()
     amax = st.w_amax[proj]
     in_amax = st.input_amax(proj) if recipe.input is not None else None
     E, N, K = w_nk.shape
-    if any(piece.rows is None for piece in pieces):  # the checkpoint keeps the stack fused: split per expert ourselves
-        if len(pieces) != 1:
-            raise NotImplementedError(f"{t.name}.{proj}: mixed fused and split checkpoint keys")
-        prefix = pieces[0].key.rsplit(".", 1)[0]
-        if proj == t.projs[0] and t.has_gate:
-            g, u = t.gate_up_rows(N)
-            leaves = (("gate_proj", g), ("up_proj", u))
-        else:
-            leaves = (("up_proj" if proj == t.projs[0] else "down_proj", None),)
-        units = [(f"{prefix}.{e}.{leaf}", e, rows) for e in range(E) for leaf, rows in leaves]
-    else:
-        for piece in pieces:
-            if not piece.key.endswith(".weight"):
-                raise NotImplementedError(f"checkpoint key {piece.key} for {piece.param} does not end in .weight")
-        units = [(piece.key[: -len(".weight")], piece.expert, piece.rows) for piece in pieces]
+    units = expert_units(t, proj, pieces)
     step = max(1, _CHUNK_BYTES // max(1, N * K * 4))
     for s in range(0, E, step):
         q = quantize_weight(recipe, w_nk[s:s + step], amax[s:s + step])

@@ -17,7 +17,7 @@ from ..formats import fp8, int4, nvfp4
 from ..quantize import SESSION_ATTR, Session
 from ..recipes import Recipe
 from ..targets import find_targets
-from .export import SIDECAR
+from .export import SIDECAR, expert_units
 from .layouts import recipe_from_config
 from .plan import checkpoint_plan, fill_from_checkpoint
 
@@ -134,21 +134,11 @@ def load(path, *, dtype: torch.dtype | None = None, experts_implementation: str 
             pname = f"{t.name}.{proj}"
             w_nk = t.nk(proj, params[pname].data)
             prms = [None] * t.num_experts
-            for piece in plan[pname]:
-                if piece.rows is None:
-                    prefix = piece.key.rsplit(".", 1)[0]
-                    if proj == t.projs[0] and t.has_gate:
-                        g, u = t.gate_up_rows(w_nk.shape[1])
-                        leaves = (("gate_proj", g), ("up_proj", u))
-                    else:
-                        leaves = (("up_proj" if proj == t.projs[0] else "down_proj", slice(None)),)
-                    units = [(f"{prefix}.{e}.{leaf}", e, rows) for e in range(t.num_experts) for leaf, rows in leaves]
-                else:
-                    units = [(piece.key[: -len(".weight")], piece.expert, piece.rows)]
-                for prefix, e, rows in units:
-                    w, prm = _read_quantized(reader, layout, recipe, prefix, w_nk.dtype)
-                    w_nk[e][rows] = w
-                    prms[e] = prm
+            units = expert_units(t, proj, plan[pname])
+            for prefix, e, rows in units:
+                w, prm = _read_quantized(reader, layout, recipe, prefix, w_nk.dtype)
+                w_nk[e][rows] = w
+                prms[e] = prm
             st.fq_weight[proj] = params[pname]
             prm = _collapse(prms)
             if prm is not None:
