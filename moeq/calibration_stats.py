@@ -15,6 +15,8 @@ from .quantizer import fake_quant_input, fake_quant_weight, input_scale_param
 from .recipes import Recipe
 from .targets import ExpertsTarget, LinearTarget
 
+# Elements of a fake-quant chunk of experts in finalize (fp32 temporaries ~ 4 x this).
+_FQ_CHUNK_ELEMS = 1 << 23
 # Bound on the [experts, tokens, N] intermediate of calibrate-all-experts mode.
 _ALL_EXPERTS_CHUNK_ELEMS = 1 << 25
 
@@ -39,7 +41,6 @@ class ExpertsState:
         E = target.num_experts
         self.in_amax = {p: torch.zeros(E, dtype=torch.float32, device=w.device) for p in target.projs}
         self.tokens = torch.zeros(E, dtype=torch.int64, device=w.device)
-        self.all_experts_tokens = 0
         self.calls = 0
         self.mode = "calibrate"
         self.stored_kn = target.is_transposed
@@ -138,7 +139,6 @@ class ExpertsState:
             h = m._apply_gate(h) if t.has_gate else m.act_fn(h)
             cur = self.in_amax[down][s:s + step]
             torch.maximum(cur, h.abs().amax(dim=(1, 2)).float(), out=cur)
-        self.all_experts_tokens += x.shape[0]
 
     @torch.no_grad()
     def finalize(self, cache_fake_quant: bool = True) -> None:
@@ -153,8 +153,12 @@ class ExpertsState:
                 self.up_amax = abs_amax(w[:, u], (1, 2))
                 amax = torch.maximum(self.gate_amax, self.up_amax)  # one global scale per pair
             self.w_amax[p] = amax
-            if cache_fake_quant:
-                self.fq_weight[p] = t.from_nk(fake_quant_weight(r, w, amax)).to(w.dtype)
+            if cache_fake_quant:  # in expert chunks (bit-identical) so fp32 temporaries stay bounded
+                fq = torch.empty_like(w)
+                step = max(1, _FQ_CHUNK_ELEMS // max(1, w[0].numel()))
+                for s in range(0, w.shape[0], step):
+                    fq[s:s + step] = fake_quant_weight(r, w[s:s + step], amax[s:s + step])
+                self.fq_weight[p] = t.from_nk(fq)
             if r.input is not None:
                 self.in_param[p] = input_scale_param(r, self.input_amax(p))
         self.mode = "quantize"
@@ -193,6 +197,7 @@ class LinearState:
         self.w_amax: torch.Tensor | None = None
         self.fq_weight: dict[str, torch.Tensor] = {}
         self.in_param: torch.Tensor | None = None
+        self.shared_in_amax: torch.Tensor | None = None
 
     @torch.no_grad()
     def observe(self, x: torch.Tensor) -> None:

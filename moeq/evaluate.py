@@ -38,8 +38,9 @@ def _device(model) -> torch.device:
 
 @torch.no_grad()
 def _logprobs(model, ids: torch.Tensor) -> torch.Tensor:
+    """Next-token log-probs [B, T-1, V], on the model's device (only sums leave it)."""
     out = model(input_ids=ids.to(_device(model)), use_cache=False).logits[:, :-1].float()
-    return F.log_softmax(out, dim=-1).cpu()
+    return F.log_softmax(out, dim=-1)
 
 
 @torch.no_grad()
@@ -47,7 +48,7 @@ def perplexity(model, batches, progress: bool = False) -> float:
     nll, n = 0.0, 0
     for ids in tqdm(batches, desc="perplexity", disable=not progress, unit="batch"):
         lp = _logprobs(model, ids)
-        tgt = ids[:, 1:]
+        tgt = ids[:, 1:].to(lp.device)
         nll -= lp.gather(-1, tgt.unsqueeze(-1)).sum().item()
         n += tgt.numel()
     return math.exp(nll / n)
@@ -59,8 +60,9 @@ def compare(base, quant, batches, progress: bool = False) -> EvalResult:
     nll_b = nll_q = kl = 0.0
     agree = n = 0
     for ids in tqdm(batches, desc="evaluating", disable=not progress, unit="batch"):
-        lb, lq = _logprobs(base, ids), _logprobs(quant, ids)
-        tgt = ids[:, 1:].unsqueeze(-1)
+        lb = _logprobs(base, ids)
+        lq = _logprobs(quant, ids).to(lb.device)
+        tgt = ids[:, 1:].unsqueeze(-1).to(lb.device)
         nll_b -= lb.gather(-1, tgt).sum().item()
         nll_q -= lq.gather(-1, tgt).sum().item()
         kl += (lb.exp() * (lb - lq)).sum().item()

@@ -4,7 +4,8 @@ unmodified HF forward, under any experts implementation.
 A fresh `TorchFunctionMode` is pushed by a forward pre-hook of each quantized module and
 popped by a forward hook registered with `always_call=True` (so it is popped when the
 forward raises). Torch function modes are thread-local, so two models running in two
-threads never see each other's interception. Nothing in `torch` is reassigned.
+threads never see each other's interception. Nothing in `torch` is reassigned. (The
+per-module statistics are not locked: calibrate one model per thread.)
 
 Inside the mode, operands are identified by IDENTITY: the module's own parameters, and
 every view derived from them (an `[e]` index, a gather `[expert_ids]`, a transpose), each
@@ -144,7 +145,7 @@ class _Intercept(TorchFunctionMode):
         if origin.experts is not None or not self.stacked:
             self._fail(func, "indexes an already indexed expert weight")
         if isinstance(idx, tuple):
-            if not idx or any(not (i is Ellipsis or i == slice(None)) for i in idx[1:]):
+            if not idx or any(not (i is Ellipsis or (isinstance(i, slice) and i == slice(None))) for i in idx[1:]):
                 self._fail(func, f"indexes an expert weight with {idx!r} (only [experts] is supported)")
             idx = idx[0]
         if isinstance(idx, int) or (isinstance(idx, torch.Tensor) and idx.dim() <= 1
@@ -207,7 +208,7 @@ class ExpertsIntercept(_Intercept):
 
 
 class LinearIntercept(_Intercept):
-    def __init__(self, state: LinearState, info: dict | None = None):
+    def __init__(self, state: LinearState, _info: dict | None = None):
         super().__init__(state, {"weight": state.target.module.weight}, stacked=False)
 
     def _matmul(self, func, args, kwargs, tagged):
@@ -218,7 +219,7 @@ class LinearIntercept(_Intercept):
         if st.mode == "calibrate":
             st.observe(args[0])
         else:
-            args[1] = st.fq_weight["weight"]
+            args[1] = self._weight(args[1], tagged[0][2])
             args[0] = st.fake_quant_input(args[0])
         return func(*args, **kwargs)
 

@@ -61,6 +61,7 @@ class Session:
         self.linears = {t.name: LinearState(t, recipe) for t in targets.linears}
         self.hooks = Hooks()
         self.report: QuantReport | None = None
+        self.from_checkpoint = False  # True for moeq.load: fake-quant weights only, originals gone
 
     def attach(self, calib_all_experts: bool) -> None:
         for st in self.experts:
@@ -95,8 +96,7 @@ class Session:
             for a in st.in_amax.values():
                 reduce(a, dist.ReduceOp.MAX)
             reduce(st.tokens, dist.ReduceOp.SUM)
-            calls = reduce(torch.tensor([st.calls, st.all_experts_tokens], dtype=torch.int64), dist.ReduceOp.SUM)
-            st.calls, st.all_experts_tokens = int(calls[0]), int(calls[1])
+            st.calls = int(reduce(torch.tensor([st.calls], dtype=torch.int64), dist.ReduceOp.SUM)[0])
         for st in self.linears.values():
             reduce(st.in_amax, dist.ReduceOp.MAX)
             st.calls = int(reduce(torch.tensor([st.calls], dtype=torch.int64), dist.ReduceOp.SUM)[0])
@@ -105,7 +105,7 @@ class Session:
         for st in self.experts:
             st.finalize(cache_fake_quant)
         for st in self.linears.values():
-            group = [self.linears[n] for n in st.target.group]
+            group = [self.linears[n] for n in st.target.group if n in self.linears]
             w_amax = torch.stack([abs_amax(g.target.module.weight.detach(), (0, 1)) for g in group]).max()
             in_amax = torch.stack([g.in_amax for g in group]).max()
             st.finalize(w_amax, in_amax, cache_fake_quant)
@@ -259,7 +259,7 @@ def _check_coverage(session: Session, report: QuantReport, calibrated: bool) -> 
     t.linears = [x for x in t.linears if x.name not in names]
     t.excluded = sorted(set(t.excluded) | set(names))
     report.quantized = [n for n in report.quantized if n not in names]
-    report.excluded = list(t.excluded)
+    report.excluded = sorted(set(report.excluded) | set(names))
     msg = ("these modules never used their weight in a recognized op during calibration and stay unquantized "
            "(listed in the export's exclude list): " + ", ".join(names))
     report.warnings.append(msg)

@@ -41,5 +41,5 @@ def input_scale_param(recipe: Recipe, amax: torch.Tensor) -> torch.Tensor:
 def fake_quant_input(recipe: Recipe, x: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
     """x [..., K]; param from input_scale_param, a scalar or shaped to broadcast with x[..., :1]."""
     if recipe.input == "nvfp4":
-        return nvfp4.fake_quant_with_global_scale(x, param, recipe.group_size)
+        return nvfp4.fake_quant_with_global_scale(x, param, nvfp4.BLOCK_SIZE)
     return fp8.fake_quant_with_scale(x, param)

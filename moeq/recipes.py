@@ -11,6 +11,7 @@ Exclude patterns are fnmatch patterns on module names (`model.layers.0.mlp.gate`
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from fnmatch import fnmatchcase
 
@@ -37,7 +38,8 @@ class Recipe:
 
     weight: "nvfp4" | "fp8" | "int4"
     input: "nvfp4" | "fp8" | None (None = weight-only, activations stay full precision)
-    group_size: elements per scale along K (16 for nvfp4, 128 for int4; unused for fp8)
+    group_size: elements per weight scale along K (16 for nvfp4, 128 for int4; unused for
+        fp8 weights). NVFP4 inputs always use blocks of 16.
     exclude: fnmatch patterns of module names left unquantized
     per_expert_input_scales: default False = one input scale per layer and projection
         (the max over experts, what vLLM's fused MoE kernels use)
@@ -68,8 +70,10 @@ class Recipe:
 
     @property
     def block(self) -> int:
-        """Divisibility K must satisfy for this recipe's weights and inputs."""
-        return 1 if self.weight == "fp8" and self.input != "nvfp4" else self.group_size
+        """Divisibility K must satisfy for this recipe's weights and inputs (NVFP4 inputs use
+        blocks of 16 whatever the weights use)."""
+        weight = 1 if self.weight == "fp8" else self.group_size
+        return math.lcm(weight, 16) if self.input == "nvfp4" else weight
 
 
 PRESETS = {

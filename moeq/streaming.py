@@ -30,7 +30,8 @@ from accelerate.utils import set_module_tensor_to_device
 from torch import nn
 from tqdm.auto import tqdm
 
-from .export.export import SIDECAR, ExportReport, _check_shared_keys, _copy_source_files, _ignore_list, _write_config, _write_experts, _write_linear
+from .export.export import (ExportReport, _check_shared_keys, _copy_source_files, _ignore_list, _write_config,
+                            _write_experts, _write_linear, write_sidecar)
 from .export.layouts import check_supported
 from .export.load import CheckpointReader
 from .export.plan import checkpoint_plan, fill_from_checkpoint
@@ -168,7 +169,15 @@ def quantize_streaming(model_path, recipe: "str | Recipe", calib_batches, out_di
     outer = [n for n in names if not any(n.startswith(p) for p in prefixes)]
     mat.load(outer)
 
-    calib = [b if isinstance(b, torch.Tensor) else b["input_ids"] for b in calib_batches]
+    calib = []
+    for b in calib_batches:
+        if isinstance(b, dict):
+            mask = b.get("attention_mask")
+            if mask is not None and not bool(mask.all()):
+                raise ValueError("streaming calibration takes unpadded batches (input_ids only); padded batches "
+                                 "with an attention_mask are supported by the in-memory moeq.quantize")
+            b = b["input_ids"]
+        calib.append(b)
     if not calib:
         raise ValueError("calibration data is empty; pass at least one batch of input_ids")
     calls: list[list] = [[] for _ in layers]
@@ -202,7 +211,13 @@ def quantize_streaming(model_path, recipe: "str | Recipe", calib_batches, out_di
         state["fingerprint"] = fingerprint
         w = ShardWriter(partial, max_shard_bytes)
         w.shards = [list(s) for s in state["shards"]]
+        w.keys = {k for s in w.shards for k in s}
         w.total_bytes = state["total_bytes"]
+        if state.get("excluded"):  # modules the coverage check moved to the exclude list before the interruption
+            dropped = set(state["excluded"])
+            targets.experts = [t for t in targets.experts if t.name not in dropped]
+            targets.linears = [t for t in targets.linears if t.name not in dropped]
+            targets.excluded = sorted(set(targets.excluded) | dropped)
 
     report = QuantReport(recipe.name, quantized=[t.name for t in targets.experts] + [t.name for t in targets.linears],
                          excluded=list(targets.excluded), tokens_per_expert=dict(state["tokens_per_expert"]),
@@ -256,7 +271,8 @@ def quantize_streaming(model_path, recipe: "str | Recipe", calib_batches, out_di
         hidden = new_hidden
         if write:
             torch.save(hidden, partial / "activations.pt")
-            state.update(done=i + 1, shards=w.shards, total_bytes=w.total_bytes, tokens_per_expert=report.tokens_per_expert)
+            state.update(done=i + 1, shards=w.shards, total_bytes=w.total_bytes, tokens_per_expert=report.tokens_per_expert,
+                         excluded=targets.excluded)
             (partial / "progress.json").write_text(json.dumps(state))
     report.never_routed = {n: [e for e, c in enumerate(v) if c == 0] for n, v in report.tokens_per_expert.items()}
     report.calib_seconds = time.perf_counter() - t0
@@ -270,17 +286,14 @@ def quantize_streaming(model_path, recipe: "str | Recipe", calib_batches, out_di
     w.close()
     (partial / "activations.pt").unlink(missing_ok=True)
     (partial / "progress.json").unlink(missing_ok=True)
-    probe = Session(model, recipe, targets)
-    _write_config(model, partial, layout, recipe, _ignore_list(probe, plan))
+    ignore = _ignore_list(targets.excluded, plan)
+    _write_config(model, partial, layout, recipe, ignore)
     _copy_source_files(model, partial)
-    (partial / SIDECAR).write_text(json.dumps({
-        "recipe": {**recipe.__dict__, "exclude": list(recipe.exclude)}, "layout": layout,
-        "excluded_modules": list(targets.excluded), "never_routed": report.never_routed,
-        "tokens_per_expert": report.tokens_per_expert, "streaming": True}, indent=1) + "\n")
+    write_sidecar(partial, recipe, layout, targets.excluded, report.tokens_per_expert)
     if out.exists():
         shutil.rmtree(out)
     partial.rename(out)
     n_tensors = sum(len(s) for s in w.shards)
     exp = ExportReport(str(out), layout, recipe.name, time.perf_counter() - t0, w.total_bytes, n_tensors,
-                       _ignore_list(probe, plan), report.never_routed)
+                       ignore, report.never_routed)
     return report, exp

@@ -136,13 +136,23 @@ def _check_shared_keys(plan: dict[str, list[Piece]], quantized) -> None:
                 f"exclude all of {sorted(n.rsplit('.', 1)[0] for n in names)} (Recipe.with_exclude) to export this model")
 
 
-def _ignore_list(session: Session, plan: dict[str, list[Piece]]) -> list[str]:
+def _ignore_list(excluded: list[str], plan: dict[str, list[Piece]]) -> list[str]:
+    """Checkpoint module names of the excluded modules (what the exclude/ignore list holds)."""
     names = set()
-    for m in session.targets.excluded:
+    for m in excluded:
         for pname, pieces in plan.items():
             if pname.startswith(m + ".") and "." not in pname[len(m) + 1:]:
                 names.update(p.key.rsplit(".", 1)[0] for p in pieces)
     return sorted(names)
+
+
+def write_sidecar(out: Path, recipe, layout: str, excluded: list[str], tokens_per_expert: dict) -> None:
+    """moeq_export.json: the recipe, what was excluded and the calibration coverage."""
+    (out / SIDECAR).write_text(json.dumps({
+        "recipe": asdict(recipe), "layout": layout, "excluded_modules": sorted(excluded),
+        "tokens_per_expert": tokens_per_expert,
+        "never_routed": {n: [e for e, c in enumerate(v) if c == 0] for n, v in tokens_per_expert.items()},
+    }, indent=1) + "\n")
 
 
 def _write_config(model: nn.Module, out: Path, layout, recipe, ignore):
@@ -179,6 +189,9 @@ def export(model: nn.Module, out_dir, layout: str = "modelopt", *, overwrite: bo
     session: Session | None = getattr(model, SESSION_ATTR, None)
     if session is None:
         raise ValueError("this model was never quantized; run moeq.quantize(model, recipe, calib_data) before moeq.export")
+    if session.from_checkpoint:
+        raise ValueError("this model was loaded from an export (moeq.load); its original weights are gone, so it cannot be "
+                         "exported again: copy the checkpoint directory, or quantize the original model")
     recipe = session.recipe
     check_supported(layout, recipe)
     t0 = time.perf_counter()
@@ -186,7 +199,7 @@ def export(model: nn.Module, out_dir, layout: str = "modelopt", *, overwrite: bo
     sources.update({f"{n}.weight": (st, None) for n, st in session.linears.items()})
     plan = checkpoint_plan(model)
     _check_shared_keys(plan, sources)
-    ignore = _ignore_list(session, plan)
+    ignore = _ignore_list(session.targets.excluded, plan)
     sd = model.state_dict(keep_vars=True)
     plain = revert_weight_conversion(model, {n: sd[n].detach() for n in plan if n not in sources})
     n_tensors = 0
@@ -207,11 +220,6 @@ def export(model: nn.Module, out_dir, layout: str = "modelopt", *, overwrite: bo
         rep = session.report
         report = ExportReport(str(out_dir), layout, recipe.name, 0.0, w.total_bytes, n_tensors, ignore,
                               dict(rep.never_routed) if rep else {})
-        (tmp / SIDECAR).write_text(json.dumps({
-            "recipe": asdict(recipe), "layout": layout,
-            "excluded_modules": list(session.targets.excluded),
-            "never_routed": report.never_routed,
-            "tokens_per_expert": rep.tokens_per_expert if rep else {},
-        }, indent=1) + "\n")
+        write_sidecar(tmp, recipe, layout, session.targets.excluded, rep.tokens_per_expert if rep else {})
     report.seconds = time.perf_counter() - t0
     return report

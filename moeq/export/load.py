@@ -126,6 +126,7 @@ def load(path, *, dtype: torch.dtype | None = None, experts_implementation: str 
     targets.excluded += [n for n, q in stored.items() if not q]
     targets.linears = [t for t in targets.linears if stored[t.name]]
     session = Session(model, recipe, targets)
+    session.from_checkpoint = True
     params = model.state_dict(keep_vars=True)
     done = set()
     for st in session.experts:

@@ -24,11 +24,13 @@ class ShardWriter:
         self.pending: dict[str, torch.Tensor] = {}
         self.pending_bytes = 0
         self.shards: list[list[str]] = []
+        self.keys: set[str] = set()
         self.total_bytes = 0
 
     def add(self, key: str, tensor: torch.Tensor) -> None:
-        if key in self.pending or any(key in s for s in self.shards):
+        if key in self.keys:
             raise ValueError(f"duplicate checkpoint key {key}")
+        self.keys.add(key)
         t = tensor.detach().to("cpu").contiguous()
         nbytes = t.numel() * t.element_size()
         if self.pending and self.pending_bytes + nbytes > self.max:
