@@ -178,6 +178,11 @@ def quantize(
     if not targets.experts and not targets.linears:
         raise ValueError(f"nothing to quantize in {type(model).__name__}: no fused experts and no nn.Linear outside the exclude patterns")
     _check_shapes(targets, recipe)
+    offloaded = [t.name for t in [*targets.experts, *targets.linears]
+                 if any(p.is_meta for p in t.module.parameters(recurse=False))]
+    if offloaded:
+        raise ValueError(f"{len(offloaded)} modules have offloaded (meta) weights, e.g. {offloaded[0]}; moeq needs the weights "
+                         f"on a device. For models larger than memory use moeq.streaming.quantize_streaming / --streaming")
     if calib_data is None and recipe.input is not None:
         raise ValueError(f"recipe {recipe.name} quantizes activations and needs calib_data for their scales")
 

@@ -108,3 +108,13 @@ def test_weight_only_recipe_without_calibration_data_works(model, pristine):
     report = moeq.quantize(model, "w4a16-nvfp4", None, progress=False)
     assert report.calib_batches == 0
     assert not torch.equal(logits(model, ids), logits(pristine("qwen3_moe"), ids))
+
+
+def test_offloaded_meta_weights_are_refused(pristine):
+    from accelerate.utils import set_module_tensor_to_device
+
+    m = fresh(pristine("qwen3_moe"))
+    name = next(n for n, _ in m.named_parameters() if n.endswith("self_attn.q_proj.weight"))
+    set_module_tensor_to_device(m, name, "meta")
+    with pytest.raises(ValueError, match="offloaded"):
+        moeq.quantize(m, "w4a16-int4", None, progress=False)
