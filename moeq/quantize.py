@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 from .calibration_stats import ExpertsState, LinearState, abs_amax
 from .interception import ExpertsIntercept, Hooks, LinearIntercept
 from .recipes import Recipe, get_recipe
-from .targets import CoverageError, Targets, find_targets
+from .targets import Targets, find_targets
 
 log = logging.getLogger("moeq")
 SESSION_ATTR = "moeq_session"
