@@ -50,8 +50,9 @@ class ExpertsState:
         self.in_param: dict[str, torch.Tensor] = {}
 
     @torch.no_grad()
-    def observe(self, proj: str, xk: torch.Tensor, rows) -> None:
-        """xk: the matmul input with K last; rows: ("one", e) | ("ids", [S]) | ("offs", offsets)."""
+    def observe(self, proj: str, xk: torch.Tensor, rows, valid_rows: torch.Tensor | None = None) -> None:
+        """xk: the matmul input with K last; rows: ("one", e) | ("ids", [S]) | ("offs", offsets).
+        valid_rows: [S] mask of real (token, expert) rows for "ids" (False = EP sentinel)."""
         kind, r = rows
         amax, first = self.in_amax[proj], proj == self.target.projs[0]
         if kind == "one":
@@ -61,7 +62,10 @@ class ExpertsState:
         else:
             per_row = xk.abs().flatten(1).amax(1).float() if kind == "ids" else xk.abs().amax(-1).float()
             if kind == "ids":
-                ids, valid = r.long(), None
+                ids = r.long()
+                valid = valid_rows if valid_rows is not None and valid_rows.numel() == ids.numel() else None
+                if valid is not None:
+                    per_row = per_row * valid
             else:
                 ids, valid = _rows_to_ids(rows, xk.shape[0], self.target.num_experts, xk.device)
                 per_row = per_row * valid
@@ -100,6 +104,9 @@ class ExpertsState:
             if idx is not None:
                 self.observe_routed_tokens(hidden, idx)
                 info["observed"] = True
+                # expert-parallel sentinel ids (>= E): batched_mm clamps them to E - 1, so rows it
+                # gathers per (token, k) carry this mask into the down projection's statistics
+                info["valid_rows"] = (idx < self.target.num_experts).reshape(-1)
         elif self.recipe.input is not None and self.in_param[first].dim() == 0:
             xq = fake_quant_input(self.recipe, hidden, self.in_param[first])
             if "hidden_states" in kwargs:

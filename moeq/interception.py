@@ -195,7 +195,7 @@ class ExpertsIntercept(_Intercept):
             if first and self.info.get("observed"):
                 st.calls += 1
             else:
-                st.observe(origin.proj, xk, rows)
+                st.observe(origin.proj, xk, rows, self.info.get("valid_rows"))
         else:
             if isinstance(pos, int):
                 args[pos] = self._weight(w, origin)

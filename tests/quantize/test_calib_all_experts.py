@@ -136,3 +136,31 @@ def test_weight_only_final_logits_unchanged_by_all_experts(forbidden):
         with torch.no_grad():
             out.append(m(input_ids=ids, use_cache=False).logits)
     assert torch.equal(out[0], out[1])
+
+
+def test_expert_parallel_sentinels_do_not_count(pristine):
+    """Under expert parallelism transformers routes tokens of remote experts to sentinel id E;
+    batched_mm clamps them to E - 1 for its gather. They must not reach expert E - 1's stats."""
+    from moeq.quantize import Session
+    from moeq.targets import find_targets
+
+    m = fresh(pristine("qwen3_moe"))
+    m.set_experts_implementation("batched_mm")
+    name, mod = tm.experts_modules(m)[0]
+    mod._is_expert_parallel = True
+    E = mod.num_experts
+    rec = moeq.get_recipe("nvfp4")
+    s = Session(m, rec, find_targets(m, rec))
+    s.attach(calib_all_experts=False)
+    try:
+        st = next(x for x in s.experts if x.target.module is mod)
+        h = torch.randn(6, m.config.hidden_size)
+        idx = torch.tensor([[0, E], [1, E], [E, E], [2, 0], [E, 1], [0, 2]])
+        w = torch.full(idx.shape, 0.5)
+        with torch.no_grad():
+            mod(h, idx, w)
+        assert st.tokens.tolist() == [3, 2, 2] + [0] * (E - 3)
+        assert st.in_amax[st.target.projs[1]][E - 1] == 0
+        assert (st.in_amax[st.target.projs[1]][:3] > 0).all()
+    finally:
+        s.detach()
