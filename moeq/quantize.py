@@ -104,11 +104,13 @@ class Session:
     def finalize(self, cache_fake_quant: bool = True) -> None:
         for st in self.experts:
             st.finalize(cache_fake_quant)
+        # each weight's amax once; sibling groups (q/k/v, gate/up) then share the max
+        w_amax = {n: abs_amax(st.target.module.weight.detach(), (0, 1)) for n, st in self.linears.items()}
         for st in self.linears.values():
-            group = [self.linears[n] for n in st.target.group if n in self.linears]
-            w_amax = torch.stack([abs_amax(g.target.module.weight.detach(), (0, 1)) for g in group]).max()
-            in_amax = torch.stack([g.in_amax for g in group]).max()
-            st.finalize(w_amax, in_amax, cache_fake_quant)
+            group = [n for n in st.target.group if n in self.linears]
+            shared_w = torch.stack([w_amax[n] for n in group]).max()
+            shared_in = torch.stack([self.linears[n].in_amax for n in group]).max()
+            st.finalize(shared_w, shared_in, cache_fake_quant)
 
 
 def _check_shapes(targets: Targets, recipe: Recipe) -> None:
