@@ -10,16 +10,19 @@ from __future__ import annotations
 
 import argparse
 import copy
+import errno
 import json
 import logging
 import sys
 import time
 from pathlib import Path
 
-import torch
-
 from . import data as D
 from .recipes import PRESETS
+
+# torch and transformers are imported inside the commands, after the arguments are checked:
+# `moeq --help` and argument errors answer in well under a second.
+DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 log = logging.getLogger("moeq")
 
@@ -36,11 +39,57 @@ def _model_path(spec: str) -> Path:
     path = D.DEMO_MODEL if spec == "demo" else Path(spec)
     if not path.exists():
         raise CliError(f"model path {path} does not exist (pass a Hugging Face checkpoint directory, or 'demo')")
+    if not path.is_dir():
+        raise CliError(f"--model {path} is a file; pass the checkpoint directory that holds config.json and the weights")
     if not (path / "config.json").is_file():
         raise CliError(f"{path} has no config.json; --model must be a Hugging Face checkpoint directory")
+    _read_config_json(path)
     if not _weights_bytes(path):
         raise CliError(f"{path} has a config.json but no *.safetensors / *.bin weights")
+    _check_safetensors_files(path)
     return path
+
+
+def _read_config_json(path: Path) -> dict:
+    try:
+        cfg = json.loads((path / "config.json").read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CliError(f"{path / 'config.json'} is not valid JSON ({e}); restore it from the original checkpoint") from e
+    if not isinstance(cfg, dict) or "model_type" not in cfg:
+        raise CliError(f"{path / 'config.json'} has no model_type; it is not a transformers model config")
+    return cfg
+
+
+def _check_safetensors_files(path: Path) -> None:
+    """Every weights file is complete: its header parses and the file is as long as the header
+    says (a truncated download or a full disk leaves a shorter file). Reads headers only."""
+    import struct
+
+    index = path / "model.safetensors.index.json"
+    files = sorted(path.glob("*.safetensors"))
+    if index.is_file():
+        try:
+            names = set(json.loads(index.read_text())["weight_map"].values())
+        except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
+            raise CliError(f"{index} is not a valid safetensors index ({e}); restore it from the original checkpoint") from e
+        missing = sorted(n for n in names if not (path / n).is_file())
+        if missing:
+            raise CliError(f"{index} lists {len(missing)} weight files that are missing, e.g. {missing[0]}; "
+                           f"download the complete checkpoint")
+    for f in files:
+        size = f.stat().st_size
+        try:
+            with open(f, "rb") as fh:
+                n = struct.unpack("<Q", fh.read(8))[0]
+                if n > size - 8:
+                    raise ValueError("header longer than the file")
+                header = json.loads(fh.read(n))
+            end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+        except (struct.error, ValueError, KeyError, TypeError, UnicodeDecodeError) as e:
+            raise CliError(f"{f} is not a valid safetensors file ({e}); it is corrupt: download it again") from e
+        if 8 + n + end != size:
+            raise CliError(f"{f} is truncated or corrupt ({size} bytes, its header describes {8 + n + end}); "
+                           f"download it again (a full disk or an interrupted copy leaves such files)")
 
 
 def _max_positions(config) -> int | None:
@@ -49,7 +98,10 @@ def _max_positions(config) -> int | None:
 
 
 def load_model(spec: str, device: str = "auto", dtype: str = "auto", device_map: str | None = None):
-    """-> (model, tokenizer, path). Clear errors for everything a user can get wrong."""
+    """-> (model, tokenizer, path). Clear errors for everything a user can get wrong; a
+    checkpoint whose tensors do not match the config (missing, unexpected or mismatched
+    keys, which transformers would fill with random values or drop) is refused."""
+    import torch
     import transformers
 
     path = _model_path(spec)
@@ -66,7 +118,11 @@ def load_model(spec: str, device: str = "auto", dtype: str = "auto", device_map:
     kw = {"dtype": dtype if dtype == "auto" else getattr(torch, dtype)}
     kw["device_map"] = device_map or device
     try:
-        model = transformers.AutoModelForCausalLM.from_pretrained(path, **kw)
+        model, info = transformers.AutoModelForCausalLM.from_pretrained(path, output_loading_info=True, **kw)
+    except (RuntimeError, OSError) as e:
+        if "size mismatch" in str(e) or "shape" in str(e).lower() or "safetensor" in str(e).lower():
+            raise CliError(f"{path}: the checkpoint does not match its config ({str(e).splitlines()[0][:300]})") from e
+        raise
     except ValueError as e:
         if "Unrecognized configuration class" in str(e) or "not supported" in str(e).lower():
             raise CliError(
@@ -74,6 +130,13 @@ def load_model(spec: str, device: str = "auto", dtype: str = "auto", device_map:
                 f"moeq quantizes causal language models that transformers loads with AutoModelForCausalLM "
                 f"(MoE models with fused experts, and dense models)") from e
         raise
+    problems = [(what, sorted(info.get(key) or ())) for what, key in
+                (("missing", "missing_keys"), ("unexpected", "unexpected_keys"), ("mismatched", "mismatched_keys"))]
+    problems = [(w, k) for w, k in problems if k]
+    if problems:
+        detail = "; ".join(f"{len(k)} {w} (e.g. {k[0]})" for w, k in problems)
+        raise CliError(f"{path}: the checkpoint's tensors do not match its config: {detail}. transformers would fill "
+                       f"missing weights with random values; restore the complete checkpoint")
     tokenizer = transformers.AutoTokenizer.from_pretrained(path)
     return model.eval(), tokenizer, path
 
@@ -105,6 +168,7 @@ def _init_distributed() -> tuple[int, int]:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world == 1:
         return 0, 1
+    import torch
     import torch.distributed as dist
 
     if not dist.is_initialized():
@@ -114,7 +178,72 @@ def _init_distributed() -> tuple[int, int]:
     return dist.get_rank(), dist.get_world_size()
 
 
+def _check_out_dir(out: Path, source: Path, overwrite: bool) -> None:
+    """Refuse, before any work, an output that would destroy data: a file, the source model,
+    a folder inside it or holding it, or (without --overwrite) a non-empty directory."""
+    from .export.outdir import check_out_dir
+
+    try:
+        check_out_dir(out, source, overwrite)
+    except (FileExistsError, NotADirectoryError, ValueError) as e:
+        raise CliError(str(e)) from e
+
+
+def _exclude_hint(names: list[str]) -> str:
+    """--exclude patterns covering `names`, layer numbers generalized (model.layers.3.x -> model.layers.*.x)."""
+    import re
+
+    pats = list(dict.fromkeys(re.sub(r"\.\d+\.", ".*.", n) for n in names))
+    return " ".join(f"--exclude '{p}'" for p in pats[:8]) + (f" (and {len(pats) - 8} more)" if len(pats) > 8 else "")
+
+
+def _preflight(path: Path, recipe, layout: str, user_excludes: list[str], streaming: bool = False) -> None:
+    """Every check that needs only the config, on a meta-device model (no weights read):
+    layout vs recipe, K divisibility, --exclude patterns that match nothing."""
+    from fnmatch import fnmatchcase
+
+    from .export.layouts import check_supported
+    from .quantize import ShapeError, _check_shapes
+    from .streaming import _meta_model
+    from .targets import CoverageError, find_targets
+
+    try:
+        check_supported(layout, recipe)
+    except ValueError as e:
+        raise CliError(str(e)) from e
+    import transformers
+
+    try:
+        config = transformers.AutoConfig.from_pretrained(path)
+    except (ValueError, KeyError) as e:
+        raise CliError(f"{path}: transformers cannot read this config ({e}); moeq supports the model types of the "
+                       f"installed transformers {transformers.__version__}") from e
+    arch = (getattr(config, "architectures", None) or [""])[0]
+    if type(config) not in transformers.AutoModelForCausalLM._model_mapping and not (streaming and hasattr(transformers, arch)):
+        raise CliError(f"architecture {getattr(config, 'architectures', None)} (model_type {config.model_type!r}) is not "
+                       f"supported: moeq quantizes causal language models that transformers loads with "
+                       f"AutoModelForCausalLM (MoE models with fused experts, and dense models)")
+    try:
+        model = _meta_model(path, None)
+    except ValueError as e:
+        raise CliError(str(e)) from e
+    names = [n for n, _ in model.named_modules()]
+    for pat in user_excludes:
+        if not any(fnmatchcase(n, pat) for n in names):
+            log.warning("--exclude %r matches no module of %s (module names look like %s)", pat, path.name,
+                        next((n for n in names if n.endswith("mlp") or "experts" in n), names[-1]))
+    try:
+        _check_shapes(find_targets(model, recipe), recipe)
+    except ShapeError as e:
+        raise CliError(f"recipe {recipe.name} needs the input dim K of every quantized weight divisible by {recipe.block}; "
+                       f"these are not: {', '.join(e.modules[:4])}{' ...' if len(e.modules) > 4 else ''}. "
+                       f"Leave them unquantized with {_exclude_hint(e.modules)}, or choose another --recipe") from e
+    except CoverageError as e:
+        raise CliError(str(e)) from e
+
+
 def cmd_quantize_streaming(a, path: Path, out: Path, rank: int, world: int) -> int:
+    import torch
     import transformers
 
     from .coverage import write_coverage
@@ -149,23 +278,35 @@ def cmd_quantize_streaming(a, path: Path, out: Path, rank: int, world: int) -> i
 
 
 def _recipe(a):
-    import moeq
+    from .recipes import get_recipe
 
-    recipe = moeq.get_recipe(a.recipe)
+    recipe = get_recipe(a.recipe)
     return recipe.with_exclude(add=a.exclude) if a.exclude else recipe
 
 
 def cmd_quantize(a) -> int:
+    t0 = time.perf_counter()
+    path = _model_path(a.model)
+    out = Path(a.out or f"moeq-{'demo' if a.model == 'demo' else path.name}-{a.recipe}")
+    _check_out_dir(out, path, a.overwrite)
+    if a.eval and not (a.eval_data or a.model == "demo"):
+        raise CliError("--eval needs --eval-data FILE for a non-demo model (held-out text, not the calibration text)")
+    if a.streaming and a.eval:
+        raise CliError("--eval needs the whole model in memory; with --streaming run `moeq eval` afterwards")
+    calib_src = "demo" if a.calib == "demo" else a.calib
+    try:  # read (and validate) the text before loading anything heavy
+        D.read_text(calib_src)
+        if a.eval:
+            D.read_text(a.eval_data or D.DEMO_EVAL)
+    except (FileNotFoundError, ValueError, IsADirectoryError, PermissionError) as e:
+        raise CliError(str(e)) from e
+    _preflight(path, _recipe(a), a.layout, a.exclude, a.streaming)
+
     import moeq
 
     from .coverage import write_coverage
 
-    t0 = time.perf_counter()
-    out = Path(a.out or f"moeq-{'demo' if a.model == 'demo' else Path(a.model).name}-{a.recipe}")
-    if out.exists() and any(out.iterdir()) and not a.overwrite:
-        raise CliError(f"output directory {out} exists and is not empty; choose another --out or pass --overwrite")
     rank, world = _init_distributed()
-    path = _model_path(a.model)
     avail = _mem_available()
     if not a.streaming and avail and _weights_bytes(path) > 0.8 * avail and not a.device_map:
         log.warning("the checkpoint (%.1f GiB) would not fit in available memory (%.1f GiB): using --streaming",
@@ -173,19 +314,19 @@ def cmd_quantize(a) -> int:
         a.streaming = True
     if a.streaming:
         return cmd_quantize_streaming(a, path, out, rank, world)
-    model, tok, path = load_model(a.model, a.device, a.dtype, a.device_map)
-    calib_src = "demo" if a.calib == "demo" else a.calib
+    import transformers
+
+    tok = transformers.AutoTokenizer.from_pretrained(path)
+    config = transformers.AutoConfig.from_pretrained(path)
     if calib_src == "demo" and a.model != "demo":
         log.warning("calibrating a user model on the demo text (Python code); pass --calib with text of your domain")
-    windows = _windows(tok, calib_src, a.seq_len, a.samples, model.config)[rank::world]
-    calib = D.batches(windows, a.batch_size)
-    base = evalb = None
+    windows = _windows(tok, calib_src, a.seq_len, a.samples, config)[rank::world]
+    evalb = None
     if a.eval:
-        eval_src = a.eval_data or (D.DEMO_EVAL if a.model == "demo" else None)
-        if eval_src is None:
-            raise CliError("--eval needs --eval-data FILE for a non-demo model (held-out text, not the calibration text)")
-        evalb = D.batches(_windows(tok, eval_src, a.seq_len, a.eval_samples, model.config), a.batch_size)
-        base = copy.deepcopy(model)
+        evalb = D.batches(_windows(tok, a.eval_data or D.DEMO_EVAL, a.seq_len, a.eval_samples, config), a.batch_size)
+    model, tok, path = load_model(a.model, a.device, a.dtype, a.device_map)
+    calib = D.batches(windows, a.batch_size)
+    base = copy.deepcopy(model) if a.eval else None
     recipe = _recipe(a)
     report = moeq.quantize(model, recipe, calib, calib_all_experts=a.calib_all_experts)
     if rank != 0:
@@ -214,22 +355,76 @@ def cmd_quantize(a) -> int:
     return 0
 
 
+# config fields that must agree between a base model and its quantized export for `moeq eval`
+# to compare like with like (the same network, the same vocabulary)
+_SAME_MODEL_FIELDS = ("model_type", "vocab_size", "hidden_size", "num_hidden_layers", "num_experts", "num_local_experts",
+                      "n_routed_experts", "intermediate_size", "moe_intermediate_size")
+
+
+def _text_cfg(cfg: dict) -> dict:
+    return {**cfg, **(cfg.get("text_config") or {})}
+
+
+def _check_same_model(base_path: Path, quant_path: Path, base_given: bool) -> None:
+    """The quantized checkpoint must be an export of this base: same architecture, sizes and
+    vocabulary. Without --model, the demo is the base only for an export of the demo."""
+    qcfg = _read_config_json(quant_path)
+    if "quantization_config" not in qcfg:
+        raise CliError(f"--quantized {quant_path} is not a quantized checkpoint (its config.json has no quantization_config)")
+    bcfg, q = _text_cfg(_read_config_json(base_path)), _text_cfg(qcfg)
+    diff = [f"{k} {bcfg.get(k)!r} vs {q.get(k)!r}" for k in _SAME_MODEL_FIELDS if bcfg.get(k) != q.get(k)]
+    if (bcfg.get("architectures") or [None])[0] != (q.get("architectures") or [None])[0]:
+        diff.insert(0, f"architecture {bcfg.get('architectures')} vs {q.get('architectures')}")
+    if diff:
+        if not base_given:
+            raise CliError(f"{quant_path} is not an export of the demo model ({diff[0]}); pass its unquantized "
+                           f"checkpoint with --model BASE_DIR")
+        raise CliError(f"--model {base_path} and --quantized {quant_path} are different models ({'; '.join(diff[:3])}); "
+                       f"pass the checkpoint that {quant_path.name} was quantized from")
+
+
 def cmd_eval(a) -> int:
+    quant_path = Path(a.quantized)
+    if not (quant_path / "config.json").is_file():
+        raise CliError(f"--quantized {quant_path} is not a checkpoint directory (no config.json); pass a directory written by moeq quantize")
+    base_path = _model_path(a.model or "demo")
+    _check_same_model(base_path, quant_path, a.model is not None)
+    src = a.data or (D.DEMO_EVAL if base_path == D.DEMO_MODEL else None)
+    if src is None:
+        raise CliError("pass --data FILE (held-out text) to evaluate a non-demo model")
+    try:
+        D.read_text(src)
+    except (FileNotFoundError, ValueError) as e:
+        raise CliError(str(e)) from e
+
     import moeq
 
-    base, tok, _ = load_model(a.model, a.device, a.dtype)
+    base, tok, _ = load_model(str(base_path), a.device, a.dtype)
+    _check_same_vocab(tok, quant_path)
     try:
-        quant = moeq.load(a.quantized, dtype=base.dtype)
+        quant = moeq.load(quant_path, dtype=base.dtype)
     except (FileNotFoundError, ValueError) as e:
         raise CliError(str(e)) from e
     quant.to(base.device)
-    src = a.data or (D.DEMO_EVAL if a.model == "demo" else None)
-    if src is None:
-        raise CliError("pass --data FILE (held-out text) to evaluate a non-demo model")
     b = D.batches(_windows(tok, src, a.seq_len, a.samples, base.config), a.batch_size)
     res = moeq.evaluate.compare(base, quant, b, progress=not a.json)
     print(json.dumps(res.as_dict(), indent=2) if a.json else res.table())
     return 0
+
+
+def _check_same_vocab(tok, quant_path: Path) -> None:
+    """The quantized export carries its tokenizer: it must be the base's (same token -> id map)."""
+    if not any((quant_path / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "vocab.json")):
+        return
+    import transformers
+
+    try:
+        qtok = transformers.AutoTokenizer.from_pretrained(quant_path)
+    except (OSError, ValueError):
+        return
+    if qtok.get_vocab() != tok.get_vocab():
+        raise CliError(f"the tokenizer of {quant_path} differs from the base model's (vocabulary of {len(qtok)} vs "
+                       f"{len(tok)} tokens); evaluate it against the model it was quantized from")
 
 
 def cmd_inspect(a) -> int:
@@ -243,16 +438,24 @@ def cmd_inspect(a) -> int:
     return 1 if res.problems else 0
 
 
+class _Parser(argparse.ArgumentParser):
+    """Argument errors as one line (the usage block is what --help is for)."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="moeq", description="Post-training quantization of MoE (and dense) models in transformers")
-    sub = p.add_subparsers(dest="cmd")
+    p = _Parser(prog="moeq", description="Post-training quantization of MoE (and dense) models in transformers")
+    sub = p.add_subparsers(dest="cmd", parser_class=_Parser)
 
     def common(s, samples):
-        s.add_argument("--seq-len", type=int, default=256, help="tokens per sample (default 256)")
-        s.add_argument("--samples", type=int, default=samples, help=f"number of samples (default {samples})")
-        s.add_argument("--batch-size", type=int, default=8)
+        s.add_argument("--seq-len", type=_positive_int, default=256, help="tokens per sample (default 256)")
+        s.add_argument("--samples", type=_positive_int, default=samples, help=f"number of samples (default {samples})")
+        s.add_argument("--batch-size", type=_positive_int, default=8)
         s.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
-        s.add_argument("--dtype", default="auto", help="auto (the checkpoint's), float32, bfloat16, float16")
+        s.add_argument("--dtype", default="auto", choices=DTYPES, help="auto (the checkpoint's), float32, bfloat16, float16")
+        s.add_argument("--debug", action="store_true", help="show the Python traceback of errors")
 
     q = sub.add_parser("quantize", help="calibrate, quantize and export a model (default: the demo model to NVFP4)")
     q.add_argument("--model", default="demo", help="checkpoint directory, or 'demo' (default)")
@@ -268,12 +471,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="layer by layer from the checkpoint shards (automatic when the model does not fit in memory)")
     q.add_argument("--eval", action="store_true", help="perplexity / KL before and after on held-out text")
     q.add_argument("--eval-data", help="held-out text for --eval (default: the demo eval split for the demo model)")
-    q.add_argument("--eval-samples", type=int, default=32)
+    q.add_argument("--eval-samples", type=_positive_int, default=32)
     common(q, 64)
     q.set_defaults(func=cmd_quantize)
 
     e = sub.add_parser("eval", help="perplexity, KL and top-1 agreement of a quantized checkpoint vs its base")
-    e.add_argument("--model", default="demo", help="base checkpoint directory or 'demo'")
+    e.add_argument("--model", help="the unquantized checkpoint directory, or 'demo' (default: the demo, only for an export of the demo)")
     e.add_argument("--quantized", required=True, help="directory written by moeq quantize")
     e.add_argument("--data", help="held-out text FILE (default: the demo eval split for the demo model)")
     e.add_argument("--json", action="store_true")
@@ -283,20 +486,58 @@ def build_parser() -> argparse.ArgumentParser:
     i = sub.add_parser("inspect", help="what a quantized checkpoint holds; non-zero exit on problems")
     i.add_argument("dir")
     i.add_argument("--json", action="store_true")
+    i.add_argument("--debug", action="store_true", help="show the Python traceback of errors")
     i.set_defaults(func=cmd_inspect)
     return p
+
+
+def _positive_int(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {v}")
+    return v
+
+
+def _user_error(e: BaseException) -> str | None:
+    """The one-line message for an error the user can fix (bad input, full disk), else None
+    (a bug: the traceback is shown)."""
+    from .errors import USER_ERRORS
+
+    if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+        where = f" writing {e.filename}" if e.filename else ""
+        return f"no space left on the device{where}; free space or choose another --out (nothing was left half-written)"
+    if isinstance(e, USER_ERRORS):
+        return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    return None
 
 
 def main(argv=None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     args = build_parser().parse_args(argv)
     if args.cmd is None:
-        args = build_parser().parse_args(["quantize"] + list(argv or sys.argv[1:]))
+        args = build_parser().parse_args(["quantize"] + list(argv if argv is not None else sys.argv[1:]))
     try:
         return args.func(args)
     except CliError as e:
+        if args.debug:
+            raise
         print(f"moeq: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        if args.debug:
+            raise
+        print("moeq: interrupted; the output directory was not written (a --streaming run resumes from its last "
+              "finished layer when the same command runs again)", file=sys.stderr)
+        return 130
+    except Exception as e:  # noqa: BLE001 - classified below; bugs are re-raised with their traceback
+        msg = None if args.debug else _user_error(e)
+        if msg is None:
+            raise
+        print(f"moeq: error: {msg} (--debug shows the traceback)", file=sys.stderr)
+        return 1 if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT) else 2
 
 
 if __name__ == "__main__":

@@ -113,21 +113,31 @@ class Session:
             st.finalize(shared_w, shared_in, cache_fake_quant)
 
 
+class ShapeError(ValueError):
+    """Weights whose input dim K the recipe's blocks do not divide; `modules` names them."""
+
+    def __init__(self, msg: str, modules: list[str]):
+        super().__init__(msg)
+        self.modules = modules
+
+
 def _check_shapes(targets: Targets, recipe: Recipe) -> None:
-    bad = []
+    bad, modules = [], []
     for t in targets.experts:
         for p in t.projs:
             k = t.nk(p).shape[-1]
             if k % recipe.block:
                 bad.append(f"{t.name}.{p} (K={k})")
+                modules.append(t.name)
     for t in targets.linears:
         if t.module.in_features % recipe.block:
             bad.append(f"{t.name} (K={t.module.in_features})")
+            modules.append(t.name)
     if bad:
-        raise ValueError(
+        raise ShapeError(
             f"recipe {recipe.name} needs the input dim K divisible by {recipe.block}, but these are not: "
-            + ", ".join(bad) + ". Exclude them (Recipe.with_exclude(add=[...])) or choose another recipe."
-        )
+            + ", ".join(bad) + ". Exclude them (Recipe.with_exclude(add=[...])) or choose another recipe.",
+            list(dict.fromkeys(modules)))
 
 
 def _batches(calib_data, model: nn.Module):

@@ -99,8 +99,8 @@ def test_error_unsupported_architecture(capsys, tmp_path):
     from transformers import CLIPVisionConfig, CLIPVisionModel
 
     CLIPVisionModel(CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-                                     image_size=32, patch_size=16)).save_pretrained(tmp_path)
-    rc, err = _err(["quantize", "--model", str(tmp_path), "--out", str(tmp_path / "o")], capsys)
+                                     image_size=32, patch_size=16)).save_pretrained(tmp_path / "m")
+    rc, err = _err(["quantize", "--model", str(tmp_path / "m"), "--out", str(tmp_path / "o")], capsys)
     assert rc == 2 and "not supported" in err and "clip_vision_model" in err
 
 
