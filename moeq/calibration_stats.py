@@ -26,6 +26,26 @@ def abs_amax(x: torch.Tensor, dims) -> torch.Tensor:
     return torch.maximum(x.amax(dim=dims), -x.amin(dim=dims)).float()
 
 
+class BatchContext:
+    """What the current calibration batch says about its tokens, shared by all states of a
+    session. token_mask: [tokens] bool (the batch's attention_mask flattened), or None when
+    every token is real. Padding tokens never reach the statistics."""
+
+    def __init__(self):
+        self.token_mask: torch.Tensor | None = None
+
+    def valid_rows(self, x: torch.Tensor, who: str) -> torch.Tensor | None:
+        """The token mask for x [..., K] whose leading dims are the batch's tokens."""
+        m = self.token_mask
+        if m is None:
+            return None
+        rows = x.numel() // max(x.shape[-1], 1)
+        if rows != m.numel():
+            raise ValueError(f"{who}: its input has {rows} rows but the batch has {m.numel()} tokens, so moeq cannot tell "
+                             f"which rows are padding; calibrate with unpadded batches (no attention_mask zeros)")
+        return m
+
+
 def _rows_to_ids(rows, n_rows: int, num_experts: int, device) -> tuple[torch.Tensor, torch.Tensor]:
     """Grouped-mm offsets -> (expert id per row, valid mask); rows past offs[-1] are invalid."""
     offs = rows[1].to(torch.int64)
@@ -43,6 +63,7 @@ class ExpertsState:
         self.tokens = torch.zeros(E, dtype=torch.int64, device=w.device)
         self.calls = 0
         self.mode = "calibrate"
+        self.batch = BatchContext()  # replaced by the session's shared one
         self.stored_kn = target.is_transposed
         self.w_amax: dict[str, torch.Tensor] = {}
         self.gate_amax = self.up_amax = None
@@ -64,11 +85,11 @@ class ExpertsState:
             if kind == "ids":
                 ids = r.long()
                 valid = valid_rows if valid_rows is not None and valid_rows.numel() == ids.numel() else None
-                if valid is not None:
-                    per_row = per_row * valid
+                if valid is not None:  # where, not *: rows of EP sentinels may hold NaN garbage
+                    per_row = torch.where(valid, per_row, 0.0)
             else:
                 ids, valid = _rows_to_ids(rows, xk.shape[0], self.target.num_experts, xk.device)
-                per_row = per_row * valid
+                per_row = torch.where(valid, per_row, 0.0)
             amax.scatter_reduce_(0, ids, per_row, "amax")
             if first:
                 ones = torch.ones_like(ids) if valid is None else valid.long()
@@ -98,6 +119,9 @@ class ExpertsState:
         if hidden is None:
             return args, kwargs, info
         first = self.target.projs[0]
+        if self.mode == "calibrate" and self.batch.token_mask is not None:
+            args, kwargs, info = self._drop_padding(args, kwargs, hidden, idx)
+            hidden, idx = self._inputs(args, kwargs)
         if self.mode == "calibrate":
             if calib_all_experts:
                 self.observe_all_experts(hidden)
@@ -115,6 +139,32 @@ class ExpertsState:
                 args = (xq,) + tuple(args[1:])
             info["quantized"] = True
         return args, kwargs, info
+
+    def _drop_padding(self, args, kwargs, hidden, idx):
+        """Calibration with an attention_mask: the experts run on the real tokens only (every
+        per-token argument is indexed by the mask), so no implementation can mix padding into
+        the statistics; `restore_output` puts the outputs back at their positions (zeros at
+        padding, whose outputs the mask discards anyway)."""
+        name = self.target.name
+        mask = self.batch.valid_rows(hidden, name)
+        if idx is None or hidden.dim() != 2:
+            raise ValueError(f"{name}: cannot drop padding tokens from this experts call (hidden_states "
+                             f"{tuple(hidden.shape)}, no [tokens, top_k] routing); calibrate with unpadded batches")
+        T = hidden.shape[0]
+        pick = lambda v: v[mask] if isinstance(v, torch.Tensor) and v.dim() >= 1 and v.shape[0] == T else v  # noqa: E731
+        return tuple(pick(a) for a in args), {k: pick(v) for k, v in kwargs.items()}, {"restore": (mask, hidden)}
+
+    @staticmethod
+    def restore_output(output, info):
+        """Post-hook counterpart of `_drop_padding`: outputs of the real tokens scattered back."""
+        if "restore" not in info:
+            return output
+        mask, hidden = info["restore"]
+        if not isinstance(output, torch.Tensor) or output.shape[0] != int(mask.sum()):
+            raise ValueError("experts output does not have one row per real token; calibrate with unpadded batches")
+        full = output.new_zeros((hidden.shape[0],) + tuple(output.shape[1:]))
+        full[mask] = output
+        return full
 
     @torch.no_grad()
     def observe_routed_tokens(self, hidden: torch.Tensor, idx: torch.Tensor) -> None:
@@ -200,6 +250,7 @@ class LinearState:
         self.in_amax = torch.zeros((), dtype=torch.float32, device=w.device)
         self.calls = 0
         self.mode = "calibrate"
+        self.batch = BatchContext()  # replaced by the session's shared one
         self.stored_kn = False
         self.w_amax: torch.Tensor | None = None
         self.fq_weight: dict[str, torch.Tensor] = {}
@@ -208,7 +259,11 @@ class LinearState:
 
     @torch.no_grad()
     def observe(self, x: torch.Tensor) -> None:
-        torch.maximum(self.in_amax, x.abs().amax().float(), out=self.in_amax)
+        valid = self.batch.valid_rows(x, self.target.name)
+        if valid is not None:
+            x = x.reshape(-1, x.shape[-1])[valid]
+        if x.numel():
+            torch.maximum(self.in_amax, x.abs().amax().float(), out=self.in_amax)
         self.calls += 1
 
     @torch.no_grad()

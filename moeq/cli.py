@@ -44,7 +44,7 @@ def _model_path(spec: str) -> Path:
     if not (path / "config.json").is_file():
         raise CliError(f"{path} has no config.json; --model must be a Hugging Face checkpoint directory")
     _read_config_json(path)
-    if not _weights_bytes(path):
+    if not any(path.glob("*.safetensors")) and not any(path.glob("*.bin")):
         raise CliError(f"{path} has a config.json but no *.safetensors / *.bin weights")
     _check_safetensors_files(path)
     return path

@@ -235,8 +235,11 @@ class Hooks:
     """Pre/post forward hooks that scope one intercept mode to each module call.
 
     The post hook runs with always_call=True, so an exception in the forward pops the mode.
-    A KeyboardInterrupt (not an Exception) skips forward hooks in torch; a mode left behind
-    that way is popped at the module's next call and by `remove()`.
+    A KeyboardInterrupt (a BaseException) skips torch's always_call hooks, so each hooked
+    module's forward is also wrapped (an instance attribute, as accelerate's hooks do; the
+    class is untouched) in a guard that pops the module's modes on any BaseException: after
+    a Ctrl-C the model is immediately usable (state_dict, export, plain tensor ops).
+    `after(output, info)`, when given, may replace the module's output.
     """
 
     def __init__(self):
@@ -244,7 +247,7 @@ class Hooks:
         self.by_module: dict[int, list] = {}
         self._local = threading.local()
 
-    def attach(self, module: torch.nn.Module, make_mode, before=None):
+    def attach(self, module: torch.nn.Module, make_mode, before=None, after=None):
         def pre(mod, args, kwargs):
             stack = self._stack(mod)
             while stack:  # stale: an interrupted call of this (non-reentrant) module
@@ -253,6 +256,7 @@ class Hooks:
             if before is not None:
                 args, kwargs, info = before(args, kwargs)
             mode = make_mode(info)
+            mode.moeq_call_info = info
             mode.__enter__()
             stack.append(mode)
             return args, kwargs
@@ -260,16 +264,27 @@ class Hooks:
         def post(mod, args, kwargs, output):
             stack = self._stack(mod)
             if stack:
-                _pop_if_top(stack.pop())
+                mode = stack.pop()
+                _pop_if_top(mode)
+                if after is not None:
+                    return after(output, mode.moeq_call_info)
+            return None
 
         pair = [module.register_forward_pre_hook(pre, with_kwargs=True),
-                module.register_forward_hook(post, with_kwargs=True, always_call=True)]
+                module.register_forward_hook(post, with_kwargs=True, always_call=True),
+                _ForwardGuard(module, self)]
         self.by_module.setdefault(id(module), []).extend(pair)
         self.handles.extend(pair)
 
     def _stack(self, mod) -> list:
         stacks = self._local.__dict__.setdefault("stacks", {})
         return stacks.setdefault(id(mod), [])
+
+    def pop_modes(self, module: torch.nn.Module) -> None:
+        """Exit every mode this thread holds for `module` (innermost first)."""
+        stacks = self._local.__dict__.get("stacks", {})
+        for mode in reversed(stacks.pop(id(module), [])):
+            _pop_if_top(mode)
 
     def remove(self, module: torch.nn.Module | None = None):
         """Remove the hooks of one module, or all of them (and any mode left on this thread)."""
@@ -278,8 +293,37 @@ class Hooks:
             for mode in reversed(stacks.pop(key, [])):
                 _pop_if_top(mode)
         handles = self.by_module.pop(id(module), []) if module is not None else self.handles
-        for h in handles:
+        for h in reversed(handles):
             h.remove()
         if module is None:
             self.handles.clear()
             self.by_module.clear()
+
+
+class _ForwardGuard:
+    """Wraps `module.forward` (instance attribute) so that any BaseException leaving the
+    forward pops the module's intercept modes; `remove()` restores what was there."""
+
+    def __init__(self, module: torch.nn.Module, hooks: Hooks):
+        self.module = module
+        self.had_own = "forward" in module.__dict__
+        self.previous = module.__dict__.get("forward")
+        inner = module.forward
+
+        def forward(*args, **kwargs):
+            try:
+                return inner(*args, **kwargs)
+            except BaseException:
+                hooks.pop_modes(module)
+                raise
+
+        forward.moeq_guard = True  # how tests (and users) recognize it
+        self.wrapper = forward
+        module.forward = forward
+
+    def remove(self) -> None:
+        if self.module.__dict__.get("forward") is self.wrapper:
+            if self.had_own:
+                self.module.forward = self.previous
+            else:
+                del self.module.forward

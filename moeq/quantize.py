@@ -18,7 +18,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .calibration_stats import ExpertsState, LinearState, abs_amax
+from .calibration_stats import BatchContext, ExpertsState, LinearState, abs_amax
 from .interception import ExpertsIntercept, Hooks, LinearIntercept
 from .recipes import Recipe, get_recipe
 from .targets import Targets, find_targets
@@ -59,6 +59,9 @@ class Session:
         self.model, self.recipe, self.targets = model, recipe, targets
         self.experts = [ExpertsState(t, recipe) for t in targets.experts]
         self.linears = {t.name: LinearState(t, recipe) for t in targets.linears}
+        self.batch = BatchContext()  # the current calibration batch's token mask, seen by every state
+        for st in [*self.experts, *self.linears.values()]:
+            st.batch = self.batch
         self.hooks = Hooks()
         self.report: QuantReport | None = None
         self.from_checkpoint = False  # True for moeq.load: fake-quant weights only, originals gone
@@ -66,7 +69,8 @@ class Session:
     def attach(self, calib_all_experts: bool) -> None:
         for st in self.experts:
             self.hooks.attach(st.target.module, lambda info, st=st: ExpertsIntercept(st, info),
-                              lambda args, kwargs, st=st: st.before_forward(args, kwargs, calib_all_experts))
+                              lambda args, kwargs, st=st: st.before_forward(args, kwargs, calib_all_experts),
+                              ExpertsState.restore_output)
         for st in self.linears.values():
             self.hooks.attach(st.target.module, lambda info, st=st: LinearIntercept(st, info))
 
@@ -156,14 +160,50 @@ def _batches(calib_data, model: nn.Module):
         yield {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in item.items()}
 
 
+class NonFiniteActivation(ValueError):
+    """NaN or inf reached a quantized module's input during calibration."""
+
+
+def _check_finite(session: Session, batch_index: int) -> None:
+    """One device sync per batch; names the first module (in model order) whose input
+    statistics stopped being finite, and the batch."""
+    stats = [a for st in session.experts for a in st.in_amax.values()] + [st.in_amax for st in session.linears.values()]
+    if not stats or bool(torch.stack([torch.isfinite(a).all() for a in stats]).all()):
+        return
+    states = [*session.experts, *session.linears.values()]
+    for st in states:
+        amax = st.in_amax.values() if isinstance(st.in_amax, dict) else [st.in_amax]
+        if not all(bool(torch.isfinite(a).all()) for a in amax):
+            raise NonFiniteActivation(
+                f"calibration batch {batch_index}: the input of {st.target.name} holds NaN or inf, so no scale can be "
+                f"computed; check the model's weights and dtype (float16 overflows where bfloat16 does not) and the data")
+
+
 @torch.no_grad()
-def _calibrate(model, calib_data, report: QuantReport, progress: bool) -> None:
+def _calibrate(model, session: Session, calib_data, report: QuantReport, progress: bool) -> None:
+    """Run the calibration batches. An attention_mask marks padding: padding tokens reach no
+    statistic and no token count."""
     t0 = time.perf_counter()
     total = len(calib_data) if hasattr(calib_data, "__len__") else None
-    for batch in tqdm(_batches(calib_data, model), total=total, desc="calibrating", disable=not progress, unit="batch"):
-        model(**batch, use_cache=False)
-        report.calib_batches += 1
-        report.calib_tokens += int(batch["input_ids"].numel())
+    try:
+        for i, batch in enumerate(tqdm(_batches(calib_data, model), total=total, desc="calibrating",
+                                       disable=not progress, unit="batch")):
+            mask = batch.get("attention_mask")
+            if mask is not None:
+                mask = mask.to(batch["input_ids"].device).bool()
+                if mask.shape != batch["input_ids"].shape:
+                    raise ValueError(f"calibration batch {i}: attention_mask {tuple(mask.shape)} does not match "
+                                     f"input_ids {tuple(batch['input_ids'].shape)}")
+                if not bool(mask.any()):
+                    log.warning("calibration batch %d is all padding; skipped", i)
+                    continue
+            session.batch.token_mask = None if mask is None or bool(mask.all()) else mask.reshape(-1)
+            model(**batch, use_cache=False)
+            _check_finite(session, i)
+            report.calib_batches += 1
+            report.calib_tokens += int(batch["input_ids"].numel() if mask is None else mask.sum())
+    finally:
+        session.batch.token_mask = None
     report.calib_seconds = time.perf_counter() - t0
     if report.calib_batches == 0:
         raise ValueError("calibration data is empty; pass at least one batch of input_ids")
@@ -211,7 +251,7 @@ def quantize(
             was_training = model.training
             model.eval()
             try:
-                _calibrate(model, calib_data, report, progress)
+                _calibrate(model, session, calib_data, report, progress)
             finally:
                 model.train(was_training)
         session.reduce_stats()

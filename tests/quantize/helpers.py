@@ -148,7 +148,9 @@ def mode_stack_len() -> int:
 
 
 def hooked_modules(model: nn.Module) -> list[str]:
-    return [n for n, m in model.named_modules() if m._forward_pre_hooks or m._forward_hooks]
+    """Modules with hooks or with an instance-level forward (moeq's interrupt guard)."""
+    return [n for n, m in model.named_modules()
+            if m._forward_pre_hooks or m._forward_hooks or getattr(m.__dict__.get("forward"), "moeq_guard", False)]
 
 
 def assert_clean(model: nn.Module) -> None:

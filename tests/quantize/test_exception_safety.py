@@ -179,3 +179,54 @@ def test_keyboard_interrupt_pops_the_mode(pristine, phase):
     finally:
         leaked = _pop_leaked_modes(n0)  # never let a leaked mode reach other tests
     assert leaked == n0, f"{leaked - n0} torch function mode(s) left on the stack after Ctrl-C"
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_keyboard_interrupt_leaves_model_usable_at_once(pristine, impl, tmp_path):
+    """Issue 11: after a Ctrl-C inside a quantized forward, with NO further forward: no mode is
+    left on the stack, state_dict() returns the original weights (not fake-quant copies) and
+    the model exports."""
+    m = fresh(pristine("qwen3_moe"), impl)
+    calib = [tm.random_input_ids(m, 2, 16, seed=1)]
+    moeq.quantize(m, "nvfp4", calib, progress=False)
+    _, mod = tm.experts_modules(m)[0]
+    n0 = mode_stack_len()
+    with raising_between_projections(mod, KeyboardInterrupt), pytest.raises(KeyboardInterrupt):
+        logits(m, calib[0])
+    leaked = _pop_leaked_modes(n0)
+    assert leaked == n0, f"{leaked - n0} torch function mode(s) left on the stack right after Ctrl-C"
+    sd = m.state_dict()
+    assert torch.equal(sd[f"{tm.experts_modules(m)[0][0]}.gate_up_proj"], pristine("qwen3_moe").state_dict()[
+        f"{tm.experts_modules(m)[0][0]}.gate_up_proj"])
+    moeq.export(m, tmp_path / "out", progress=False)
+    assert (tmp_path / "out" / "model.safetensors").is_file()
+
+
+def test_non_finite_activations_stop_calibration(pristine):
+    """Issue 11: NaN/inf in a module's input stops calibration naming the module and batch
+    (it used to turn input scales into 1.0 silently)."""
+    m = fresh(pristine("qwen3_moe"))
+    name, mod = tm.experts_modules(m)[1]
+    good, bad = tm.random_input_ids(m, 2, 16, seed=1), tm.random_input_ids(m, 2, 16, seed=2)
+    poisoned = {"on": False}
+
+    def poison(module, args, kwargs):
+        if poisoned["on"]:
+            h = args[0].clone()
+            h[0, 0] = float("nan")
+            return (h, *args[1:]), kwargs
+        return None
+
+    class Data:
+        def __iter__(self):
+            yield good
+            poisoned["on"] = True
+            yield bad
+
+    h = mod.register_forward_pre_hook(poison, with_kwargs=True, prepend=True)
+    try:
+        with pytest.raises(ValueError, match=rf"batch 1: the input of {name} holds NaN"):
+            moeq.quantize(m, "nvfp4", Data(), progress=False)
+    finally:
+        h.remove()
+    assert_clean(m)
