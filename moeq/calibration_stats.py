@@ -3,8 +3,10 @@
 Per-expert state is stacked: `in_amax[proj]` is [E] float32, `tokens` is [E] int64,
 updated with vectorized scatter ops (no Python loop over experts). Statistics are
 collected on the unquantized model (max calibration); `finalize` then computes the
-weight amax per expert (gate and up halves separately, shared by the pair), caches the
-fake-quant weights once, and fixes the static input scale parameters.
+weight amax per expert (gate and up halves separately, shared by the pair) and fixes the
+static input scale parameters. Fake-quant weights are computed from the module's current
+parameters at each call (`weight_fq`), so no second copy of the weights is kept and the
+model can be moved, cast or sharded after quantization.
 """
 
 from __future__ import annotations
@@ -67,7 +69,8 @@ class ExpertsState:
         self.stored_kn = target.is_transposed
         self.w_amax: dict[str, torch.Tensor] = {}
         self.gate_amax = self.up_amax = None
-        self.fq_weight: dict[str, torch.Tensor] = {}
+        self.weights_are_fake_quant = False  # moeq.load: the parameters already hold dequantized weights
+        self.cache: dict | None = None
         self.in_param: dict[str, torch.Tensor] = {}
 
     @torch.no_grad()
@@ -132,7 +135,7 @@ class ExpertsState:
                 # gathers per (token, k) carry this mask into the down projection's statistics
                 info["valid_rows"] = (idx < self.target.num_experts).reshape(-1)
         elif self.recipe.input is not None and self.in_param[first].dim() == 0:
-            xq = fake_quant_input(self.recipe, hidden, self.in_param[first])
+            xq = fake_quant_input(self.recipe, hidden, self.in_param[first].to(hidden.device))
             if "hidden_states" in kwargs:
                 kwargs = {**kwargs, "hidden_states": xq}
             else:
@@ -198,9 +201,14 @@ class ExpertsState:
             torch.maximum(cur, h.abs().amax(dim=(1, 2)).float(), out=cur)
 
     @torch.no_grad()
-    def finalize(self, cache_fake_quant: bool = True) -> None:
-        """cache_fake_quant=False (streaming export) computes scales only, no weight copy."""
+    def finalize(self, cache_fake_quant: bool = False) -> None:
+        """Weight amax per expert (gate and up halves share the max) and the static input
+        parameters. No weight copy is kept: the fake-quant forward computes each call's
+        weights from the module's CURRENT parameters (so .to(), FSDP unsharding and in-place
+        edits are followed); cache_fake_quant=True keeps them between calls (faster, one
+        extra copy of the weights, recomputed when a parameter changes)."""
         t, r = self.target, self.recipe
+        self.cache = {} if cache_fake_quant else None
         for p in t.projs:
             w = t.nk(p).detach()
             amax = abs_amax(w, (1, 2))
@@ -210,15 +218,41 @@ class ExpertsState:
                 self.up_amax = abs_amax(w[:, u], (1, 2))
                 amax = torch.maximum(self.gate_amax, self.up_amax)  # one global scale per pair
             self.w_amax[p] = amax
-            if cache_fake_quant:  # in expert chunks (bit-identical) so fp32 temporaries stay bounded
-                fq = torch.empty_like(w)
-                step = max(1, _FQ_CHUNK_ELEMS // max(1, w[0].numel()))
-                for s in range(0, w.shape[0], step):
-                    fq[s:s + step] = fake_quant_weight(r, w[s:s + step], amax[s:s + step])
-                self.fq_weight[p] = t.from_nk(fq)
             if r.input is not None:
                 self.in_param[p] = input_scale_param(r, self.input_amax(p))
         self.mode = "quantize"
+
+    @property
+    def fq_weight(self) -> dict[str, torch.Tensor]:
+        """The fake-quant weights of the module's current parameters (computed now; a view
+        for inspection and tests, not something the forward keeps)."""
+        return {p: self.weight_fq(p, self.target.param(p)) for p in self.target.projs} if self.w_amax else {}
+
+    @torch.no_grad()
+    def weight_fq(self, proj: str, w: torch.Tensor, expert=None) -> torch.Tensor:
+        """Fake-quant of the stored weight `w` (the module's layout: [E, N, K], or [E, K, N]
+        when transposed), or of its expert `expert` only; amax from calibration. Computed in
+        expert chunks so fp32 temporaries stay bounded (bit-identical to one call)."""
+        if self.weights_are_fake_quant:
+            return w if expert is None else w[expert]
+        t, r = self.target, self.recipe
+        amax = self.w_amax[proj].to(w.device)
+        if expert is not None:
+            w_nk = w[expert].transpose(-2, -1) if t.is_transposed else w[expert]
+            fq = fake_quant_weight(r, w_nk, amax[expert]).to(w.dtype)
+            return (fq.transpose(-2, -1) if t.is_transposed else fq).contiguous()
+        key = (w.data_ptr(), w._version, w.dtype, w.device, tuple(w.shape))
+        if self.cache is not None and proj in self.cache and self.cache[proj][0] == key:
+            return self.cache[proj][1]
+        w_nk = t.nk(proj, w.detach())
+        fq = torch.empty_like(w_nk)
+        step = max(1, _FQ_CHUNK_ELEMS // max(1, w_nk[0].numel()))
+        for s in range(0, w_nk.shape[0], step):
+            fq[s:s + step] = fake_quant_weight(r, w_nk[s:s + step], amax[s:s + step])
+        fq = t.from_nk(fq)
+        if self.cache is not None:
+            self.cache[proj] = (key, fq)
+        return fq
 
     def input_amax(self, proj: str) -> torch.Tensor:
         """Layer-shared input amax (max over experts), or per expert with the layer max
@@ -232,7 +266,7 @@ class ExpertsState:
     def fake_quant_input(self, proj: str, xk: torch.Tensor, rows) -> torch.Tensor:
         if self.recipe.input is None:
             return xk
-        prm = self.in_param[proj]
+        prm = self.in_param[proj].to(xk.device)
         if prm.dim() > 0:
             kind, r = rows
             if kind == "one":
@@ -253,7 +287,8 @@ class LinearState:
         self.batch = BatchContext()  # replaced by the session's shared one
         self.stored_kn = False
         self.w_amax: torch.Tensor | None = None
-        self.fq_weight: dict[str, torch.Tensor] = {}
+        self.weights_are_fake_quant = False
+        self.cache: dict | None = None
         self.in_param: torch.Tensor | None = None
         self.shared_in_amax: torch.Tensor | None = None
 
@@ -267,17 +302,33 @@ class LinearState:
         self.calls += 1
 
     @torch.no_grad()
-    def finalize(self, w_amax: torch.Tensor, in_amax: torch.Tensor, cache_fake_quant: bool = True) -> None:
-        """w_amax / in_amax: shared over the sibling group (q/k/v, gate/up)."""
-        w = self.target.module.weight.detach()
+    def finalize(self, w_amax: torch.Tensor, in_amax: torch.Tensor, cache_fake_quant: bool = False) -> None:
+        """w_amax / in_amax: shared over the sibling group (q/k/v, gate/up). No weight copy
+        unless cache_fake_quant (see ExpertsState.finalize)."""
         self.w_amax, self.shared_in_amax = w_amax, in_amax
-        if cache_fake_quant:
-            self.fq_weight["weight"] = fake_quant_weight(self.recipe, w, w_amax).to(w.dtype)
+        self.cache = {} if cache_fake_quant else None
         if self.recipe.input is not None:
             self.in_param = input_scale_param(self.recipe, in_amax)
         self.mode = "quantize"
 
+    @property
+    def fq_weight(self) -> dict[str, torch.Tensor]:
+        """See ExpertsState.fq_weight."""
+        return {"weight": self.weight_fq("weight", self.target.module.weight)} if self.w_amax is not None else {}
+
+    @torch.no_grad()
+    def weight_fq(self, proj: str, w: torch.Tensor, expert=None) -> torch.Tensor:
+        if self.weights_are_fake_quant:
+            return w
+        key = (w.data_ptr(), w._version, w.dtype, w.device, tuple(w.shape))
+        if self.cache is not None and proj in self.cache and self.cache[proj][0] == key:
+            return self.cache[proj][1]
+        fq = fake_quant_weight(self.recipe, w.detach(), self.w_amax.to(w.device)).to(w.dtype)
+        if self.cache is not None:
+            self.cache[proj] = (key, fq)
+        return fq
+
     def fake_quant_input(self, x: torch.Tensor) -> torch.Tensor:
         if self.recipe.input is None:
             return x
-        return fake_quant_input(self.recipe, x, self.in_param)
+        return fake_quant_input(self.recipe, x, self.in_param.to(x.device))

@@ -19,6 +19,7 @@ raises `UnsupportedExpertsOp`: nothing is skipped silently.
 from __future__ import annotations
 
 import threading
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -63,9 +64,11 @@ def _is_metadata(func) -> bool:
         return False
 
 
-def _grouped_fallback():
+def _is_grouped_fallback(func) -> bool:
+    """transformers' grouped_mm fallback custom op (its packet, or its overload as dynamo sees it)."""
     ns = getattr(torch.ops, "transformers", None)
-    return getattr(ns, "grouped_mm_fallback", None) if ns is not None else None
+    packet = getattr(ns, "grouped_mm_fallback", None) if ns is not None else None
+    return packet is not None and (func is packet or func is getattr(packet, "default", None))
 
 
 class _Intercept(TorchFunctionMode):
@@ -74,15 +77,23 @@ class _Intercept(TorchFunctionMode):
     def __init__(self, state, params: dict[str, torch.Tensor], stacked: bool):
         super().__init__()
         self.state = state
-        self.origins: dict[int, tuple[torch.Tensor, Origin]] = {}
+        # id -> (weak reference, origin): a view (e.g. a batched_mm gather of expert weights)
+        # dies as soon as the forward drops it; a dead entry never matches a new tensor.
+        self.origins: dict[int, tuple[weakref.ref, Origin]] = {}
         self.params = {id(p): name for name, p in params.items()}
+        self._fq: dict[str, torch.Tensor] = {}  # this call's fake-quant weights, whole stacks
         for name, p in params.items():
-            self.origins[id(p)] = (p, Origin(name, None, state.stored_kn))
+            self._tag(p, Origin(name, None, state.stored_kn))
         self.stacked = stacked
+
+    def _tag(self, t: torch.Tensor, origin: Origin) -> None:
+        if len(self.origins) > 64:  # drop entries of views that are gone
+            self.origins = {k: v for k, v in self.origins.items() if v[0]() is not None}
+        self.origins[id(t)] = (weakref.ref(t), origin)
 
     def _origin(self, a):
         hit = self.origins.get(id(a)) if isinstance(a, torch.Tensor) else None
-        return hit[1] if hit is not None and hit[0] is a else None
+        return hit[1] if hit is not None and hit[0]() is a else None
 
     def _tagged(self, args, kwargs):
         found = []
@@ -95,9 +106,12 @@ class _Intercept(TorchFunctionMode):
         return found
 
     def _weight(self, a, origin: Origin):
-        """In quantize mode a raw parameter is replaced by its cached fake-quant copy."""
+        """In quantize mode a raw parameter is replaced by its fake-quant version, computed
+        from the parameter itself once per module call."""
         if self.state.mode == "quantize" and origin.experts is None and id(a) in self.params:
-            return self.state.fq_weight[origin.proj]
+            if origin.proj not in self._fq:
+                self._fq[origin.proj] = self.state.weight_fq(origin.proj, a)
+            return self._fq[origin.proj]
         return a
 
     def _fail(self, func, why: str):
@@ -125,6 +139,16 @@ class _Intercept(TorchFunctionMode):
 
     def _view(self, func, args, kwargs, origin: Origin):
         src = args[0]
+        if func is _T.__getitem__:
+            idx = self._index(func, args[1], origin)
+            one = isinstance(idx, int) or idx.dim() == 0
+            if (one and self.state.mode == "quantize" and id(src) in self.params
+                    and origin.proj not in self._fq):  # eager: fake-quantize only the expert it runs
+                out = self.state.weight_fq(origin.proj, src, idx)
+            else:
+                out = func(self._weight(src, origin), *args[1:], **kwargs)
+            self._tag(out, Origin(origin.proj, idx, origin.kn))
+            return out
         out = func(self._weight(src, origin), *args[1:], **kwargs)
         if func is _T.__getitem__:
             new = Origin(origin.proj, self._index(func, args[1], origin), origin.kn)
@@ -138,7 +162,7 @@ class _Intercept(TorchFunctionMode):
             elif func is _T.T.__get__ and src.dim() != 2:
                 self._fail(func, "uses .T on a 3-D expert weight")
             new = Origin(origin.proj, origin.experts, not origin.kn)
-        self.origins[id(out)] = (out, new)
+        self._tag(out, new)
         return out
 
     def _index(self, func, idx, origin: Origin):
@@ -176,7 +200,7 @@ class ExpertsIntercept(_Intercept):
             x_pos, kdim, rows = 1, -2, origin.experts
         elif func is torch.bmm and pos == 1 and origin.kn:
             x_pos, kdim, rows = 0, -1, origin.experts
-        elif (func in _GROUPED or func is _grouped_fallback()) and pos in (1, "mat_b", "weight") and origin.kn:
+        elif (func in _GROUPED or _is_grouped_fallback(func)) and pos in (1, "mat_b", "weight") and origin.kn:
             offs = kwargs.get("offs", args[2] if len(args) > 2 else None)
             if offs is None or origin.experts is not None:
                 self._fail(func, "is a grouped mm without offsets over the whole expert stack")

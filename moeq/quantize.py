@@ -105,7 +105,7 @@ class Session:
             reduce(st.in_amax, dist.ReduceOp.MAX)
             st.calls = int(reduce(torch.tensor([st.calls], dtype=torch.int64), dist.ReduceOp.SUM)[0])
 
-    def finalize(self, cache_fake_quant: bool = True) -> None:
+    def finalize(self, cache_fake_quant: bool = False) -> None:
         for st in self.experts:
             st.finalize(cache_fake_quant)
         # each weight's amax once; sibling groups (q/k/v, gate/up) then share the max
@@ -215,15 +215,21 @@ def quantize(
     calib_data: Iterable | None = None,
     *,
     calib_all_experts: bool = False,
+    cache_weights: bool = False,
     progress: bool = True,
 ) -> QuantReport:
     """Quantize `model` in place (fake-quant) and return a report.
 
     calib_data: iterable of input_ids LongTensors [B, T] or dicts with input_ids /
-    attention_mask. Required when the recipe quantizes inputs; optional for weight-only
-    recipes (then only token coverage is missing from the report).
+    attention_mask (padding never reaches the statistics). Required when the recipe
+    quantizes inputs; optional for weight-only recipes (then only token coverage is missing
+    from the report).
+    cache_weights: keep the fake-quant weights between forwards (faster evaluation, one
+    extra copy of the quantized weights). By default each call computes them from the
+    module's current parameters: no second copy, and `.to()` / sharding are followed.
     """
     recipe = get_recipe(recipe)
+    model = unwrap(model)
     if getattr(model, SESSION_ATTR, None) is not None:
         raise RuntimeError("this model is already quantized by moeq; load a fresh copy to quantize again")
     targets = find_targets(model, recipe)
@@ -247,17 +253,19 @@ def quantize(
     )
     session.attach(calib_all_experts)
     try:
-        if calib_data is not None:
-            was_training = model.training
-            model.eval()
-            try:
+        was_training = model.training
+        model.eval()
+        try:
+            if calib_data is not None:
                 _calibrate(model, session, calib_data, report, progress)
-            finally:
-                model.train(was_training)
+            else:
+                _probe_forward(model)
+        finally:
+            model.train(was_training)
         session.reduce_stats()
         report.calib_tokens, report.calib_batches = _sum_over_ranks(report.calib_tokens, report.calib_batches)
-        _check_coverage(session, report, calibrated=calib_data is not None)
-        session.finalize()
+        _check_coverage(session, report, calibrated=True)
+        session.finalize(cache_fake_quant=cache_weights)
     except BaseException:
         session.detach()
         raise
@@ -279,6 +287,42 @@ def quantize(
     session.report = report
     setattr(model, SESSION_ATTR, session)
     return report
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The transformers model inside whatever wraps it (torch.compile's OptimizedModule, a
+    user's parent module, PEFT-style wrappers): recipe patterns and export keys are names
+    relative to it, and calibration runs its own (eager) forward."""
+    from transformers import PreTrainedModel
+
+    if isinstance(model, PreTrainedModel):
+        return model
+    found = [m for m in model.modules() if isinstance(m, PreTrainedModel)]
+    outer = [m for m in found if not any(m is not o and any(m is c for c in o.modules()) for o in found)]
+    if len(outer) == 1:
+        return outer[0]
+    if not outer:
+        return model  # a plain nn.Module: names are relative to it
+    raise ValueError(f"{type(model).__name__} holds {len(outer)} transformers models; pass the one to quantize")
+
+
+@torch.no_grad()
+def _probe_forward(model: nn.Module) -> None:
+    """Without calibration data (weight-only recipes), one short forward still shows which
+    quantized weights are used by an op moeq recognizes, so coverage is checked on every path
+    (a Linear whose weight is multiplied outside its own forward would otherwise be exported
+    quantized while the in-memory model never fake-quantizes it)."""
+    emb = model.get_input_embeddings()
+    n = min(16, emb.num_embeddings)
+    ids = torch.arange(n, device=emb.weight.device).unsqueeze(0)
+    try:
+        model(input_ids=ids, use_cache=False)
+    except Exception as e:
+        if type(e).__name__ == "UnsupportedExpertsOp":
+            raise
+        raise ValueError(f"weight-only quantization without calibration data runs one probe forward on {n} token ids to "
+                         f"check that every quantized weight is used; it failed ({type(e).__name__}: {e}). "
+                         f"Pass calib_data") from e
 
 
 def _sum_over_ranks(*counts: int) -> tuple[int, ...]:

@@ -19,7 +19,7 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers.core_model_loading import revert_weight_conversion
 
-from ..quantize import SESSION_ATTR, Session
+from ..quantize import SESSION_ATTR, Session, unwrap
 from ..quantizer import quantize_weight
 from .layouts import check_supported, input_tensors, quant_configs, weight_tensors
 from .plan import Piece, checkpoint_plan
@@ -186,6 +186,7 @@ def _copy_source_files(model: nn.Module, out: Path):
 def export(model: nn.Module, out_dir, layout: str = "modelopt", *, overwrite: bool = False,
            max_shard_bytes: int = DEFAULT_SHARD_BYTES, progress: bool = True) -> ExportReport:
     """Write the quantized `model` to `out_dir` in the `layout` convention."""
+    model = unwrap(model)
     session: Session | None = getattr(model, SESSION_ATTR, None)
     if session is None:
         raise ValueError("this model was never quantized; run moeq.quantize(model, recipe, calib_data) before moeq.export")

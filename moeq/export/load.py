@@ -140,7 +140,7 @@ def load(path, *, dtype: torch.dtype | None = None, experts_implementation: str 
                 w, prm = _read_quantized(reader, layout, recipe, prefix, w_nk.dtype)
                 w_nk[e][rows] = w
                 prms[e] = prm
-            st.fq_weight[proj] = params[pname]
+            st.weights_are_fake_quant = True  # the parameters now hold the dequantized weights
             prm = _collapse(prms)
             if prm is not None:
                 st.in_param[proj] = prm
@@ -157,7 +157,7 @@ def load(path, *, dtype: torch.dtype | None = None, experts_implementation: str 
             else:
                 params[pname].data[piece.rows] = w
             prms.append(prm)
-        st.fq_weight["weight"] = params[pname]
+        st.weights_are_fake_quant = True
         st.in_param = _collapse(prms)
         st.mode = "quantize"
         done.add(pname)
