@@ -23,6 +23,12 @@ _FQ_CHUNK_ELEMS = 1 << 23
 _ALL_EXPERTS_CHUNK_ELEMS = 1 << 25
 
 
+def full(t: torch.Tensor) -> torch.Tensor:
+    """A plain tensor of the whole parameter: a DTensor (FSDP2 keeps parameters sharded
+    outside the forward) is gathered, a collective every rank runs in the same order."""
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
 def abs_amax(x: torch.Tensor, dims) -> torch.Tensor:
     """max |x| over dims, in float32, without materializing |x| (weights can be GBs)."""
     return torch.maximum(x.amax(dim=dims), -x.amin(dim=dims)).float()
@@ -210,7 +216,7 @@ class ExpertsState:
         t, r = self.target, self.recipe
         self.cache = {} if cache_fake_quant else None
         for p in t.projs:
-            w = t.nk(p).detach()
+            w = t.nk(p, full(t.param(p).detach()))
             amax = abs_amax(w, (1, 2))
             if p == t.projs[0] and t.has_gate:
                 g, u = t.gate_up_rows(w.shape[1])

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .calibration_stats import BatchContext, ExpertsState, LinearState, abs_amax
+from .calibration_stats import BatchContext, ExpertsState, LinearState, abs_amax, full
 from .interception import ExpertsIntercept, Hooks, LinearIntercept
 from .recipes import Recipe, get_recipe
 from .targets import Targets, find_targets
@@ -109,7 +109,7 @@ class Session:
         for st in self.experts:
             st.finalize(cache_fake_quant)
         # each weight's amax once; sibling groups (q/k/v, gate/up) then share the max
-        w_amax = {n: abs_amax(st.target.module.weight.detach(), (0, 1)) for n, st in self.linears.items()}
+        w_amax = {n: abs_amax(full(st.target.module.weight.detach()), (0, 1)) for n, st in self.linears.items()}
         for st in self.linears.values():
             group = [n for n in st.target.group if n in self.linears]
             shared_w = torch.stack([w_amax[n] for n in group]).max()
