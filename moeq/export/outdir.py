@@ -161,25 +161,48 @@ def _normalize_modes(root: Path) -> None:
             normal_mode(Path(d) / name)
 
 
+_RENAME_EXCHANGE = 2
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Atomically swap two directories (Linux renameat2 RENAME_EXCHANGE). -> False where the
+    kernel, libc or file system cannot."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        fn = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    at_fdcwd = -100
+    return fn(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), _RENAME_EXCHANGE) == 0
+
+
 def publish(tmp: Path, out: Path, overwrite: bool = False, source=None) -> None:
     """Rename the finished export `tmp` to `out` (replacing an old moeq export when
-    `overwrite`), after giving it normal permissions and fsyncing it."""
+    `overwrite`), after giving it normal permissions and fsyncing it. Where the system can
+    swap directories atomically, `out` is at every instant the old export or the new one."""
     out = check_out_dir(out, source, overwrite)  # again: the path may have changed while we worked
     _normalize_modes(tmp)
     fsync_tree(tmp)
-    old = None
     if out.exists():  # an empty directory or a moeq export (checked above)
-        old = out.parent / f".{out.name}{OLD_TAG}{_owner_tag()}"
+        if _exchange(tmp, out):
+            fsync_dir(out.parent)
+            shutil.rmtree(tmp, ignore_errors=True)  # now the old one
+            return
+        old = out.parent / f".{out.name}{OLD_TAG}{_owner_tag()}"  # a kill from here to the rename: no `out`
         os.replace(out, old)
-    try:
-        os.replace(tmp, out)
-    except BaseException:
-        if old is not None:
+        try:
+            os.replace(tmp, out)
+        except BaseException:
             os.replace(old, out)
-        raise
-    fsync_dir(out.parent)
-    if old is not None:
+            raise
+        fsync_dir(out.parent)
         shutil.rmtree(old, ignore_errors=True)
+        return
+    os.replace(tmp, out)
+    fsync_dir(out.parent)
 
 
 class AtomicDir:
