@@ -208,7 +208,13 @@ class PartialRun:
             (self.dir / old["activations"]["file"]).unlink(missing_ok=True)
 
     def drop_uncommitted(self) -> None:
-        """Remove every file the manifest does not name (all of them when nothing is committed)."""
+        """Remove every file the manifest on disk does not name (all of them when nothing is
+        committed). The manifest on disk is the truth: an interruption inside `commit` may
+        have written it or not."""
+        try:
+            self.manifest = json.loads((self.dir / MANIFEST).read_text())
+        except (OSError, ValueError):
+            self.manifest = None
         keep = set() if self.manifest is None else {MANIFEST, self.manifest["activations"]["file"],
                                                      *(s["file"] for s in self.manifest["shards"])}
         for p in self.dir.iterdir():
@@ -216,8 +222,9 @@ class PartialRun:
                 shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
 
     def _clear(self) -> None:
+        for p in self.dir.iterdir():
+            shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
         self.manifest = None
-        self.drop_uncommitted()
 
     def finish(self) -> None:
         """The export in the directory is complete: drop the resume state (manifest first, so an
