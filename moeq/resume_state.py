@@ -9,7 +9,7 @@ nothing the next one could trust wrongly.
 
 Invariants:
 - A layer is done when progress.json says so; it names every file it relies on with its
-  size, sha256 and the layer it belongs to. Files it does not name are leftovers of an
+  size, sha256 and the layer it belongs to, and carries a sha256 of its own content. Files it does not name are leftovers of an
   unfinished step and are removed.
 - Missing, truncated or altered state (any file, the manifest included) is never trusted:
   the state is discarded with a warning naming the file and the run starts over.
@@ -92,10 +92,14 @@ def mismatch(old: dict, new: dict) -> "tuple[str, object, object] | None":
         if key == "recipe" and isinstance(a, dict):
             for f in b:
                 if a.get(f) != b[f]:
-                    return ("exclude" if f == "exclude" else f"recipe.{f}"), a.get(f), b[f]
+                    return {"exclude": "exclude", "name": "recipe"}.get(f, f"recipe.{f}"), a.get(f), b[f]
         return key, a, b
     extra = set(old) - set(new)
     return (sorted(extra)[0], old[sorted(extra)[0]], None) if extra else None
+
+
+def _digest(manifest: dict) -> str:
+    return hashlib.sha256(json.dumps(manifest, sort_keys=True).encode()).hexdigest()
 
 
 @dataclass
@@ -166,6 +170,8 @@ class PartialRun:
             return None, f"{MANIFEST} cannot be read ({type(e).__name__}: {e})"
         if not isinstance(m, dict) or m.get("version") != VERSION:
             return None, f"{MANIFEST} is not a version-{VERSION} resume manifest"
+        if m.pop("sha256", None) != _digest(m):
+            return None, f"{MANIFEST} differs from its own checksum"
         try:
             ok = (isinstance(m["fingerprint"], dict) and 1 <= int(m["done"]) <= n_layers
                   and m["activations"]["layer"] == m["done"] and isinstance(m["shards"], list)
@@ -202,7 +208,7 @@ class PartialRun:
         act = {"file": name, "layer": done, "bytes": (self.dir / name).stat().st_size, "sha256": sha256_file(self.dir / name)}
         m = {"version": VERSION, "fingerprint": self.fp, "done": done, "activations": act, "shards": shards,
              "total_bytes": total_bytes, "tokens_per_expert": tokens_per_expert, "excluded": list(excluded)}
-        write_atomic(self.dir / MANIFEST, json.dumps(m))
+        write_atomic(self.dir / MANIFEST, json.dumps({**m, "sha256": _digest(m)}))
         old, self.manifest = self.manifest, m
         if old is not None and old["activations"]["file"] != name:
             (self.dir / old["activations"]["file"]).unlink(missing_ok=True)
