@@ -9,8 +9,8 @@ nothing the next one could trust wrongly.
 
 Invariants:
 - A layer is done when progress.json says so; it names every file it relies on with its
-  size, sha256 and the layer it belongs to, and carries a sha256 of its own content. Files it does not name are leftovers of an
-  unfinished step and are removed.
+  size, sha256 and the layer it belongs to, and carries a sha256 of its own content.
+  Files it does not name are leftovers of an unfinished step and are removed.
 - Missing, truncated or altered state (any file, the manifest included) is never trusted:
   the state is discarded with a warning naming the file and the run starts over.
 - `fingerprint()` covers every input that changes the output bytes. A partial run with a
@@ -56,7 +56,8 @@ def calib_digest(batches) -> dict:
 
 def _model_files(path: Path) -> list:
     """(name, size, mtime) of the files the weights and config come from."""
-    files = sorted(p for p in path.iterdir() if p.name == "config.json" or p.name.endswith((".safetensors", ".safetensors.index.json")))
+    weights = (".safetensors", ".safetensors.index.json")
+    files = sorted(p for p in path.iterdir() if p.name == "config.json" or p.name.endswith(weights))
     return [[p.name, p.stat().st_size, p.stat().st_mtime_ns] for p in files]
 
 
@@ -176,7 +177,8 @@ class PartialRun:
             ok = (isinstance(m["fingerprint"], dict) and 1 <= int(m["done"]) <= n_layers
                   and m["activations"]["layer"] == m["done"] and isinstance(m["shards"], list)
                   and all({"file", "keys", "bytes", "sha256", "layer"} <= set(s) for s in m["shards"])
-                  and isinstance(m["tokens_per_expert"], dict) and isinstance(m["excluded"], list) and int(m["total_bytes"]) >= 0)
+                  and isinstance(m["tokens_per_expert"], dict) and isinstance(m["excluded"], list)
+                  and int(m["total_bytes"]) >= 0)
         except (KeyError, TypeError, ValueError):
             ok = False
         return (m, None) if ok else (None, f"{MANIFEST} is incomplete or inconsistent")
@@ -205,7 +207,8 @@ class PartialRun:
             os.fsync(f.fileno())
         os.replace(part, self.dir / name)
         fsync_dir(self.dir)
-        act = {"file": name, "layer": done, "bytes": (self.dir / name).stat().st_size, "sha256": sha256_file(self.dir / name)}
+        act = {"file": name, "layer": done, "bytes": (self.dir / name).stat().st_size,
+               "sha256": sha256_file(self.dir / name)}
         m = {"version": VERSION, "fingerprint": self.fp, "done": done, "activations": act, "shards": shards,
              "total_bytes": total_bytes, "tokens_per_expert": tokens_per_expert, "excluded": list(excluded)}
         write_atomic(self.dir / MANIFEST, json.dumps({**m, "sha256": _digest(m)}))
@@ -255,6 +258,8 @@ class PartialRun:
             os.close(fd)
             raise RuntimeError(f"another moeq run is writing {self.dir} right now; wait for it to finish, or stop it "
                                f"and re-run (it resumes)") from None
+        except OSError as e:  # a file system without flock (some network mounts): run unlocked
+            log.debug("cannot lock %s (%s)", self.dir, e)
         self._fd = fd
 
     def release(self) -> None:

@@ -322,6 +322,6 @@ def quantize_streaming(model_path, recipe: "str | Recipe", calib_batches, out_di
         publish(partial, out, overwrite, source=path)
         run.release()
         n_tensors = sum(len(s) for s in w.shards)
-        exp = ExportReport(str(out), layout, recipe.name, time.perf_counter() - t0, w.total_bytes, n_tensors,
+        exp = ExportReport(str(out_dir), layout, recipe.name, time.perf_counter() - t0, w.total_bytes, n_tensors,
                            ignore, report.never_routed)
         return report, exp

@@ -12,7 +12,6 @@ import subprocess
 import pytest
 import transformers
 
-import moeq
 from moeq.export.outdir import check_out_dir
 
 from .conftest import runs

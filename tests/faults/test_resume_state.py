@@ -77,7 +77,8 @@ OTHER_OPTIONS = {  # option named in the refusal -> keyword arguments of the sec
     # (exclude, dtype and calibration tokens: test_regressions)
     "calib_all_experts": dict(calib_all_experts=True),
     "recipe": dict(recipe=moeq.get_recipe("w4a16-nvfp4")),
-    "recipe.per_expert_input_scales": dict(recipe=dataclasses.replace(moeq.get_recipe("nvfp4"), per_expert_input_scales=True)),
+    "recipe.per_expert_input_scales": dict(
+        recipe=dataclasses.replace(moeq.get_recipe("nvfp4"), per_expert_input_scales=True)),
     "layout": dict(layout="compressed-tensors"),
     "max_shard_bytes": dict(max_shard_bytes=1 << 30),
 }
