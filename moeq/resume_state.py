@@ -40,6 +40,14 @@ except ImportError:  # not POSIX: no locking
 
 log = logging.getLogger("moeq")
 
+class ResumeMismatch(ValueError):
+    """A partial run of the same output was made with other options (the message names it)."""
+
+
+class PartialRunBusy(RuntimeError):
+    """Another live process holds the partial run of the same output."""
+
+
 VERSION = 2  # of the manifest format; version 1 was progress.json without checksums
 MANIFEST = "progress.json"
 
@@ -126,7 +134,8 @@ class PartialRun:
     # -- opening -----------------------------------------------------------------------
     def open(self, overwrite: bool, n_layers: int, resume: bool = True) -> "Resumed | None":
         """Lock the directory and return the verified state to continue from (None: start at
-        layer 0 with an empty directory). Raises ValueError on an options mismatch."""
+        layer 0 with an empty directory). Raises ResumeMismatch (a ValueError) on other
+        options, PartialRunBusy while another process holds it."""
         if self.dir.exists() and not self.dir.is_dir():
             log.warning("removing %s: a file where moeq keeps its resume state", self.dir)
             self.dir.unlink()
@@ -139,9 +148,9 @@ class PartialRun:
                 opt, a, b = diff
                 if not overwrite:
                     self.release()
-                    raise ValueError(f"the partial run in {self.dir} used {opt}={_short(a)}; this run uses {_short(b)}: "
-                                     f"re-run with the same options to resume it, or pass overwrite=True (moeq quantize "
-                                     f"--overwrite) to start over")
+                    raise ResumeMismatch(f"the partial run in {self.dir} used {opt}={_short(a)}; this run uses "
+                                         f"{_short(b)}: re-run with the same options to resume it, or pass overwrite=True "
+                                         f"(moeq quantize --overwrite) to start over")
                 log.warning("overwrite: discarding the partial run in %s (it used %s=%s)", self.dir, opt, _short(a))
                 m = None
             elif not resume:
@@ -256,8 +265,8 @@ class PartialRun:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             os.close(fd)
-            raise RuntimeError(f"another moeq run is writing {self.dir} right now; wait for it to finish, or stop it "
-                               f"and re-run (it resumes)") from None
+            raise PartialRunBusy(f"another moeq run is writing {self.dir} right now; wait for it to finish, or stop "
+                                 f"it and re-run (it resumes)") from None
         except OSError as e:  # a file system without flock (some network mounts): run unlocked
             log.debug("cannot lock %s (%s)", self.dir, e)
         self._fd = fd

@@ -103,13 +103,13 @@ def refused_then_overwrite(setup, tmp_path, option, kw):
 
 
 def test_a_second_run_on_the_same_output_is_refused_while_the_first_holds_it(setup, tmp_path):
-    from moeq.resume_state import PartialRun
+    from moeq.resume_state import PartialRun, PartialRunBusy
 
     out = tmp_path / "out"
     first = PartialRun(tmp_path / PARTIAL, {})
     first.open(overwrite=False, n_layers=2)
     try:
-        with pytest.raises(RuntimeError, match="another moeq run is writing"):
+        with pytest.raises(PartialRunBusy, match="another moeq run is writing"):
             setup.stream(out)
     finally:
         first.release()
