@@ -61,6 +61,10 @@ def at(obj, attr: str, nth: int, action: str, *, after: bool = False, when=None)
 
 def run_in_child(fn, *patches) -> str:
     """Fork; in the child apply the patches and run fn. -> KILLED / RAISED / FINISHED."""
+    if not hasattr(os, "fork"):
+        import pytest
+
+        pytest.skip("needs os.fork (POSIX)")
     sys.stdout.flush()
     sys.stderr.flush()
     pid = os.fork()
