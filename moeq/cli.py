@@ -185,7 +185,7 @@ def _check_out_dir(out: Path, source: Path, overwrite: bool) -> None:
 
     try:
         check_out_dir(out, source, overwrite)
-    except (FileExistsError, NotADirectoryError, ValueError) as e:
+    except (FileExistsError, ValueError) as e:
         raise CliError(str(e)) from e
 
 
@@ -260,7 +260,7 @@ def cmd_quantize_streaming(a, path: Path, out: Path, rank: int, world: int) -> i
     dtype = None if a.dtype == "auto" else getattr(torch, a.dtype)
     report, exp = quantize_streaming(path, recipe, D.batches(windows, a.batch_size), out, a.layout,
                                      calib_all_experts=a.calib_all_experts, overwrite=a.overwrite, device=device,
-                                     dtype=dtype, write=rank == 0)
+                                     dtype=dtype, write=rank == 0, trust_remote_code=a.trust_remote_code)
     if rank != 0:
         return 0
     png, js = write_coverage(report.tokens_per_expert, out) if report.tokens_per_expert else (None, None)
@@ -332,7 +332,7 @@ def cmd_quantize(a) -> int:
     if rank != 0:
         return 0  # statistics were reduced across ranks inside quantize; rank 0 writes
     ev = moeq.evaluate.compare(base, model, evalb, progress=True) if a.eval else None
-    exp = moeq.export(model, out, a.layout, overwrite=a.overwrite)
+    exp = moeq.export(model, out, a.layout, overwrite=a.overwrite, trust_remote_code=a.trust_remote_code)
     png, js = write_coverage(report.tokens_per_expert, out) if report.tokens_per_expert else (None, None)
     dt = time.perf_counter() - t0
     never = sum(len(v) for v in report.never_routed.values())
@@ -465,6 +465,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--out", help="output directory (default ./moeq-<model>-<recipe>)")
     q.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
     q.add_argument("--calib-all-experts", action="store_true", help="every expert's statistics see every token")
+    q.add_argument("--trust-remote-code", action="store_true",
+                   help="carry the model's own .py files and auto_map into the export (left out by default)")
     q.add_argument("--exclude", action="append", default=[], help="extra fnmatch pattern of modules to leave unquantized")
     q.add_argument("--device-map", help="accelerate device map for models bigger than one device (e.g. auto)")
     q.add_argument("--streaming", action="store_true",

@@ -5,12 +5,14 @@ from __future__ import annotations
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
+    from .export.outdir import ExportError
     from .interception import UnsupportedExpertsOp
+    from .resume_state import PartialRunBusy
     from .targets import CoverageError
 
     # ValueError: bad arguments, configs, data; OSError subclasses: paths the user named
     return (ValueError, FileExistsError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError,
-            CoverageError, UnsupportedExpertsOp, NotImplementedError)
+            CoverageError, UnsupportedExpertsOp, NotImplementedError, ExportError, PartialRunBusy)
 
 
 def __getattr__(name: str):

@@ -11,15 +11,16 @@ path), quantize it, write its tensors to the export, free it, and pass its outpu
 Peak memory is about one layer plus the calibration activations, whatever the model size.
 
 Resumable: the export is assembled in `.<out>.moeq-partial/` next to the destination
-with `progress.json` and the activations after the last finished layer; running the same
-command again continues from there. The directory is renamed to `out` at the end.
+with a checksummed manifest and the activations after the last finished layer
+(`resume_state`); running the same command again continues from there, a damaged state is
+recomputed, and different options are refused. The directory is renamed to `out` at the
+end (`export.outdir.publish`, the same rules as the in-memory export).
 """
 
 from __future__ import annotations
 
-import json
+import contextlib
 import logging
-import shutil
 import time
 from pathlib import Path
 
@@ -34,10 +35,12 @@ from .export.export import (ExportReport, _check_shared_keys, _copy_source_files
                             _write_experts, _write_linear, write_sidecar)
 from .export.layouts import check_supported
 from .export.load import CheckpointReader
+from .export.outdir import check_out_dir, clean_stale, disk_full_error, is_disk_full, publish
 from .export.plan import checkpoint_plan, fill_from_checkpoint
 from .export.writer import DEFAULT_SHARD_BYTES, ShardWriter
 from .quantize import QuantReport, Session, _check_coverage, _check_shapes
 from .recipes import Recipe, get_recipe
+from .resume_state import PartialRun, fingerprint
 from .targets import Targets, find_targets
 
 log = logging.getLogger("moeq")
@@ -140,20 +143,49 @@ def _sub_targets(targets: Targets, prefix: str) -> Targets:
                    [n for n in targets.excluded if inside(n)])
 
 
+@contextlib.contextmanager
+def _keep_state_on_failure(run: "PartialRun | None", partial: Path, write: bool):
+    """On any exception: remove the unfinished step's files (the committed state stays for a
+    resume), unlock, and turn a full disk into a one-line ExportError."""
+    try:
+        yield
+    except BaseException as e:
+        if run is not None:
+            try:
+                run.drop_uncommitted()
+            except OSError:
+                pass
+            run.release()
+        if write and is_disk_full(e):
+            then = (f"re-run the same command: it resumes after layer {run.manifest['done']}"
+                    if run is not None and run.manifest else "re-run")
+            raise disk_full_error(e, partial, then) from e
+        raise
+
+
+def _world_size() -> int:
+    import torch.distributed as dist
+
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
 @torch.no_grad()
 def quantize_streaming(model_path, recipe: "str | Recipe", calib_batches, out_dir, layout: str = "modelopt", *,
                        calib_all_experts: bool = False, overwrite: bool = False, device: str = "cpu", dtype=None,
                        max_shard_bytes: int = DEFAULT_SHARD_BYTES, progress: bool = True, write: bool = True,
-                       stop_after_layers: int | None = None) -> tuple[QuantReport, ExportReport | None]:
+                       stop_after_layers: int | None = None,
+                       trust_remote_code: bool = False) -> tuple[QuantReport, ExportReport | None]:
     """Quantize and export a checkpoint directory layer by layer. `write=False` on
     non-zero ranks of a multi-process run (rank 0 writes). `stop_after_layers` simulates
-    an interruption (tests)."""
+    an interruption (tests). `overwrite` replaces an earlier moeq export (never the source
+    model) and discards a partial run made with other options; a partial run made with the
+    same options is resumed either way. `trust_remote_code`: as in `moeq.export`."""
     t0 = time.perf_counter()
     path, out = Path(model_path), Path(out_dir)
     recipe = get_recipe(recipe)
     check_supported(layout, recipe)
-    if write and out.exists() and any(out.iterdir()) and not overwrite:
-        raise FileExistsError(f"output directory {out} exists and is not empty; choose another path or pass overwrite=True")
+    if write:
+        out = check_out_dir(out, source=path, overwrite=overwrite)
     reader = CheckpointReader(path)
     model = _meta_model(path, dtype)
     model.config._name_or_path = str(path)
@@ -196,104 +228,100 @@ def quantize_streaming(model_path, recipe: "str | Recipe", calib_batches, out_di
     hidden = [c[0] for c in calls[0]]
 
     partial = out.parent / f".{out.name}.moeq-partial"
-    state = {"done": 0, "shards": [], "total_bytes": 0, "tokens_per_expert": {}, "fingerprint": None}
-    fingerprint = {"model": str(path.resolve()), "recipe": recipe.name, "layout": layout,
-                   "calib": [list(b.shape) for b in calib], "calib_sum": int(sum(int(b.sum()) for b in calib))}
+    done, tokens_per_expert, run, w = 0, {}, None, None
     if write:
-        prog = partial / "progress.json"
-        if prog.exists() and json.loads(prog.read_text()).get("fingerprint") == fingerprint:
-            state = json.loads(prog.read_text())
-            hidden = torch.load(partial / "activations.pt")
-            log.warning("resuming %s after layer %d of %d", out, state["done"], len(layers))
-        else:
-            shutil.rmtree(partial, ignore_errors=True)
-            partial.mkdir(parents=True)
-        state["fingerprint"] = fingerprint
-        w = ShardWriter(partial, max_shard_bytes)
-        w.shards = [list(s) for s in state["shards"]]
-        w.keys = {k for s in w.shards for k in s}
-        w.total_bytes = state["total_bytes"]
-        if state.get("excluded"):  # modules the coverage check moved to the exclude list before the interruption
-            dropped = set(state["excluded"])
-            targets.experts = [t for t in targets.experts if t.name not in dropped]
-            targets.linears = [t for t in targets.linears if t.name not in dropped]
-            targets.excluded = sorted(set(targets.excluded) | dropped)
-
-    report = QuantReport(recipe.name, quantized=[t.name for t in targets.experts] + [t.name for t in targets.linears],
-                         excluded=list(targets.excluded), tokens_per_expert=dict(state["tokens_per_expert"]),
-                         never_routed={}, calib_all_experts=calib_all_experts,
-                         calib_tokens=sum(b.numel() for b in calib), calib_batches=len(calib))
-    bar = tqdm(range(state["done"], len(layers)), desc="layers", disable=not progress, unit="layer")
-    for i in bar:
-        if stop_after_layers is not None and i >= stop_after_layers:
-            raise KeyboardInterrupt(f"simulated interruption before layer {i}")
-        own = [n for n in names if n.startswith(prefixes[i])]
-        mat.load(own)
-        reader.release()
-        sub = _sub_targets(targets, prefixes[i])
-        session = Session(model, recipe, sub)
-        session.attach(calib_all_experts)
-        try:
-            new_hidden = []
-            for h, (_, args, kwargs) in zip(hidden, calls[i]):
-                o = layers[i](h.to(device), *args, **kwargs)
-                new_hidden.append((o[0] if isinstance(o, tuple) else o).to("cpu"))
-            session.reduce_stats()
-            _check_coverage(session, report, calibrated=True)
-            dropped = set(sub.excluded) - set(targets.excluded)
-            if dropped:  # modules moved to the exclude list by the coverage check
+        world = _world_size()
+        fp = fingerprint(model_path=path, recipe=recipe, layout=layout, dtype=model.dtype,
+                         calib_all_experts=calib_all_experts, calib=calib, max_shard_bytes=max_shard_bytes,
+                         device=device, world_size=world)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        clean_stale(out)
+        run = PartialRun(partial, fp)
+        resumed = run.open(overwrite, len(layers), resume=world == 1)  # other ranks start at layer 0 too
+        w = ShardWriter(partial, max_shard_bytes, checksums=True)
+        if resumed is not None:
+            done, hidden, tokens_per_expert = resumed.done, resumed.hidden, resumed.tokens_per_expert
+            w.resume(resumed.shards, resumed.total_bytes)
+            if resumed.excluded:  # modules the coverage check moved to the exclude list before the interruption
+                dropped = set(resumed.excluded)
                 targets.experts = [t for t in targets.experts if t.name not in dropped]
                 targets.linears = [t for t in targets.linears if t.name not in dropped]
                 targets.excluded = sorted(set(targets.excluded) | dropped)
-            session.finalize(cache_fake_quant=False)
-        finally:
-            session.detach()
-        for st in session.experts:
-            report.tokens_per_expert[st.target.name] = st.tokens.tolist()
-        if write:
-            quantized = {}
+    with _keep_state_on_failure(run, partial, write):
+        report = QuantReport(recipe.name, quantized=[t.name for t in targets.experts] + [t.name for t in targets.linears],
+                             excluded=list(targets.excluded), tokens_per_expert=dict(tokens_per_expert),
+                             never_routed={}, calib_all_experts=calib_all_experts,
+                             calib_tokens=sum(b.numel() for b in calib), calib_batches=len(calib))
+        bar = tqdm(range(done, len(layers)), desc="layers", disable=not progress, unit="layer")
+        for i in bar:
+            if stop_after_layers is not None and i >= stop_after_layers:
+                raise KeyboardInterrupt(f"simulated interruption before layer {i}")
+            own = [n for n in names if n.startswith(prefixes[i])]
+            mat.load(own)
+            reader.release()
+            sub = _sub_targets(targets, prefixes[i])
+            session = Session(model, recipe, sub)
+            session.attach(calib_all_experts)
+            try:
+                new_hidden = []
+                for h, (_, args, kwargs) in zip(hidden, calls[i]):
+                    o = layers[i](h.to(device), *args, **kwargs)
+                    new_hidden.append((o[0] if isinstance(o, tuple) else o).to("cpu"))
+                session.reduce_stats()
+                _check_coverage(session, report, calibrated=True)
+                dropped = set(sub.excluded) - set(targets.excluded)
+                if dropped:  # modules moved to the exclude list by the coverage check
+                    targets.experts = [t for t in targets.experts if t.name not in dropped]
+                    targets.linears = [t for t in targets.linears if t.name not in dropped]
+                    targets.excluded = sorted(set(targets.excluded) | dropped)
+                session.finalize(cache_fake_quant=False)
+            finally:
+                session.detach()
             for st in session.experts:
-                for p in st.target.projs:
-                    quantized[f"{st.target.name}.{p}"] = (st, p)
-            quantized.update({f"{n}.weight": (st, None) for n, st in session.linears.items()})
-            for n in own:
-                if n in quantized:
-                    st, p = quantized[n]
-                    (_write_linear(w, layout, recipe, st, plan[n]) if p is None else
-                     _write_experts(w, layout, recipe, st, p, plan[n]))
-                elif n not in tied:
-                    for key in dict.fromkeys(piece.key for piece in plan[n]):
-                        w.add(key, reader[key])
-            w.flush()
-        mat.free(own)
-        reader.release()
-        _trim_heap()
-        hidden = new_hidden
-        if write:
-            torch.save(hidden, partial / "activations.pt")
-            state.update(done=i + 1, shards=w.shards, total_bytes=w.total_bytes, tokens_per_expert=report.tokens_per_expert,
-                         excluded=targets.excluded)
-            (partial / "progress.json").write_text(json.dumps(state))
-    report.never_routed = {n: [e for e, c in enumerate(v) if c == 0] for n, v in report.tokens_per_expert.items()}
-    report.calib_seconds = time.perf_counter() - t0
-    if not write:
-        return report, None
+                report.tokens_per_expert[st.target.name] = st.tokens.tolist()
+            if write:
+                n_shards = len(w.records)
+                quantized = {}
+                for st in session.experts:
+                    for p in st.target.projs:
+                        quantized[f"{st.target.name}.{p}"] = (st, p)
+                quantized.update({f"{n}.weight": (st, None) for n, st in session.linears.items()})
+                for n in own:
+                    if n in quantized:
+                        st, p = quantized[n]
+                        (_write_linear(w, layout, recipe, st, plan[n]) if p is None else
+                         _write_experts(w, layout, recipe, st, p, plan[n]))
+                    elif n not in tied:
+                        for key in dict.fromkeys(piece.key for piece in plan[n]):
+                            w.add(key, reader[key])
+                w.flush()
+            mat.free(own)
+            reader.release()
+            _trim_heap()
+            hidden = new_hidden
+            if write:
+                for rec in w.records[n_shards:]:
+                    rec["layer"] = i
+                run.commit(i + 1, hidden, w.records, w.total_bytes, report.tokens_per_expert, targets.excluded)
+        report.never_routed = {n: [e for e, c in enumerate(v) if c == 0] for n, v in report.tokens_per_expert.items()}
+        report.calib_seconds = time.perf_counter() - t0
+        if not write:
+            return report, None
 
-    for n in outer:
-        if n not in tied:
-            for key in dict.fromkeys(piece.key for piece in plan[n]):
-                w.add(key, reader[key])
-    w.close()
-    (partial / "activations.pt").unlink(missing_ok=True)
-    (partial / "progress.json").unlink(missing_ok=True)
-    ignore = _ignore_list(targets.excluded, plan)
-    _write_config(model, partial, layout, recipe, ignore)
-    _copy_source_files(model, partial)
-    write_sidecar(partial, recipe, layout, targets.excluded, report.tokens_per_expert)
-    if out.exists():
-        shutil.rmtree(out)
-    partial.rename(out)
-    n_tensors = sum(len(s) for s in w.shards)
-    exp = ExportReport(str(out), layout, recipe.name, time.perf_counter() - t0, w.total_bytes, n_tensors,
-                       ignore, report.never_routed)
-    return report, exp
+        for n in outer:
+            if n not in tied:
+                for key in dict.fromkeys(piece.key for piece in plan[n]):
+                    w.add(key, reader[key])
+        w.close(keep_tmp_names=True)  # the shards the manifest names stay valid until finish()
+        ignore = _ignore_list(targets.excluded, plan)
+        _write_config(model, partial, layout, recipe, ignore, trust_remote_code)
+        _copy_source_files(model, partial, trust_remote_code)
+        write_sidecar(partial, recipe, layout, targets.excluded, report.tokens_per_expert)
+        check_out_dir(out, path, overwrite)  # before the resume state is dropped: refuse while it still can resume
+        run.finish()
+        publish(partial, out, overwrite, source=path)
+        run.release()
+        n_tensors = sum(len(s) for s in w.shards)
+        exp = ExportReport(str(out_dir), layout, recipe.name, time.perf_counter() - t0, w.total_bytes, n_tensors,
+                           ignore, report.never_routed)
+        return report, exp

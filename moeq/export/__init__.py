@@ -2,5 +2,6 @@
 
 from .export import ExportReport, export
 from .load import load
+from .outdir import ExportError, check_out_dir
 
-__all__ = ["ExportReport", "export", "load"]
+__all__ = ["ExportError", "ExportReport", "check_out_dir", "export", "load"]

@@ -9,6 +9,7 @@ directory that is renamed into place at the end.
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 import time
 from dataclasses import asdict, dataclass, field
@@ -23,9 +24,12 @@ from ..quantize import SESSION_ATTR, Session, unwrap
 from ..quantizer import quantize_weight
 from .layouts import check_supported, input_tensors, quant_configs, weight_tensors
 from .plan import Piece, checkpoint_plan
-from .writer import DEFAULT_SHARD_BYTES, AtomicDir, ShardWriter
+from .outdir import MARKER, AtomicDir
+from .writer import DEFAULT_SHARD_BYTES, ShardWriter
 
-SIDECAR = "moeq_export.json"
+log = logging.getLogger("moeq")
+
+SIDECAR = MARKER  # moeq_export.json: also what marks a directory as moeq's own (overwrite replaces only those)
 _SKIP_SOURCE = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
 _SKIP_NAMES = {"config.json", "hf_quant_config.json", "model.safetensors.index.json", SIDECAR}
 
@@ -155,13 +159,21 @@ def write_sidecar(out: Path, recipe, layout: str, excluded: list[str], tokens_pe
     }, indent=1) + "\n")
 
 
-def _write_config(model: nn.Module, out: Path, layout, recipe, ignore):
+def _write_config(model: nn.Module, out: Path, layout, recipe, ignore, trust_remote_code: bool = False):
     from .. import __version__
 
     cfg = model.config.to_dict()
     cfg.pop("quantization_config", None)
     if not cfg.get("architectures"):
         cfg["architectures"] = [type(model).__name__]
+    if cfg.get("auto_map") and not trust_remote_code:
+        # The model was calibrated with transformers' own class (without trust_remote_code transformers
+        # ignores auto_map whenever it has the model_type). Keeping auto_map would make a loader that passes
+        # trust_remote_code run other code, or fail on .py files the export does not carry.
+        log.warning("dropping auto_map (remote code %s) from the exported config.json: the model was quantized with "
+                    "transformers' own %s; pass trust_remote_code=True to keep it and carry the .py files",
+                    sorted(cfg["auto_map"]), cfg["architectures"][0])
+        cfg.pop("auto_map")
     cfg["dtype"] = str(model.dtype).removeprefix("torch.")  # the weights' dtype now, not at load time
     qc, nested = quant_configs(layout, recipe, ignore, __version__)
     cfg["quantization_config"] = qc
@@ -173,19 +185,50 @@ def _write_config(model: nn.Module, out: Path, layout, recipe, ignore):
         gen.save_pretrained(out)
 
 
-def _copy_source_files(model: nn.Module, out: Path):
+def source_dir(model: nn.Module) -> "Path | None":
+    """The local directory the model was loaded from, or None (built from a config, hub id)."""
     name = str(getattr(model.config, "_name_or_path", "") or "")
-    src = Path(name)
-    if not name or not (src / "config.json").is_file():
+    return Path(name) if name and (Path(name) / "config.json").is_file() else None
+
+
+def _allowed_roots(src: Path) -> list[Path]:
+    root = src.resolve()
+    # a hub cache snapshot (models--org--name/snapshots/<rev>) holds links into ../../blobs
+    return [root, root.parent.parent] if root.parent.name == "snapshots" else [root]
+
+
+def _copy_source_files(model: nn.Module, out: Path, trust_remote_code: bool = False):
+    """Carry the source directory's other files (tokenizer, chat template, ...): regular files
+    inside the model folder only (a link that leads outside it is skipped with a warning), and
+    Python files (remote code) only with `trust_remote_code`. Copies get normal permissions."""
+    src = source_dir(model)
+    if src is None:
         return  # built from a config, or from the hub cache: nothing to carry over
-    for f in src.iterdir():
-        if f.is_file() and f.name not in _SKIP_NAMES and not f.name.endswith(_SKIP_SOURCE) and not (out / f.name).exists():
-            shutil.copy2(f, out / f.name)
+    roots = _allowed_roots(src)
+    for f in sorted(src.iterdir()):
+        if f.name in _SKIP_NAMES or f.name.endswith(_SKIP_SOURCE) or (out / f.name).exists():
+            continue
+        real = f.resolve()
+        if not any(real == r or r in real.parents for r in roots):
+            log.warning("not carrying %s into the export: it links to %s, outside the model folder", f, real)
+            continue
+        if not real.is_file():
+            log.debug("not carrying %s into the export: not a regular file", f)
+            continue
+        if f.suffix == ".py" and not trust_remote_code:
+            log.warning("not carrying %s into the export: remote code is carried only with trust_remote_code=True", f)
+            continue
+        shutil.copyfile(real, out / f.name)
 
 
 def export(model: nn.Module, out_dir, layout: str = "modelopt", *, overwrite: bool = False,
-           max_shard_bytes: int = DEFAULT_SHARD_BYTES, progress: bool = True) -> ExportReport:
-    """Write the quantized `model` to `out_dir` in the `layout` convention."""
+           max_shard_bytes: int = DEFAULT_SHARD_BYTES, progress: bool = True,
+           trust_remote_code: bool = False) -> ExportReport:
+    """Write the quantized `model` to `out_dir` in the `layout` convention.
+
+    `overwrite` replaces only an earlier moeq export, never the source model or a folder
+    holding it (`outdir.check_out_dir`). `trust_remote_code` carries the source's .py files
+    and config.json's auto_map; without it both are left out (with a warning)."""
     model = unwrap(model)
     session: Session | None = getattr(model, SESSION_ATTR, None)
     if session is None:
@@ -204,7 +247,7 @@ def export(model: nn.Module, out_dir, layout: str = "modelopt", *, overwrite: bo
     sd = model.state_dict(keep_vars=True)
     plain = revert_weight_conversion(model, {n: sd[n].detach() for n in plan if n not in sources})
     n_tensors = 0
-    with AtomicDir(out_dir, overwrite) as tmp:
+    with AtomicDir(out_dir, overwrite, source=source_dir(model)) as tmp:
         w = ShardWriter(tmp, max_shard_bytes)
         for pname in tqdm(list(sources), desc="exporting", disable=not progress, unit="tensor"):
             st, proj = sources[pname]
@@ -216,8 +259,8 @@ def export(model: nn.Module, out_dir, layout: str = "modelopt", *, overwrite: bo
             w.add(key, t)
         w.close()
         n_tensors = sum(len(s) for s in w.shards)
-        _write_config(model, tmp, layout, recipe, ignore)
-        _copy_source_files(model, tmp)
+        _write_config(model, tmp, layout, recipe, ignore, trust_remote_code)
+        _copy_source_files(model, tmp, trust_remote_code)
         rep = session.report
         report = ExportReport(str(out_dir), layout, recipe.name, 0.0, w.total_bytes, n_tensors, ignore,
                               dict(rep.never_routed) if rep else {})

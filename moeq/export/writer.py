@@ -1,31 +1,48 @@
-"""Sharded safetensors writing into a temporary directory, renamed into place at the end.
+"""Sharded safetensors writing; the directory it writes into is renamed into place at the end.
 
-A crash leaves no half checkpoint: everything is written to `<out>.moeq-tmp-*` next to
-the destination and moved with one rename after the index is complete.
+A crash leaves no half checkpoint: everything is written to a temp dir next to the
+destination (`outdir.AtomicDir`, or streaming's partial dir) and moved with one rename
+after the index is complete. Each shard is itself written under a temporary name, fsynced
+and renamed, so a shard file that exists is complete.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
 
+from ..durable import replace_durably, sha256_file, write_atomic
+from .outdir import AtomicDir  # noqa: F401  (re-exported: its historical home)
+
 DEFAULT_SHARD_BYTES = 1 << 30  # a shard is held in memory until written: this bounds export's extra memory
 
 
 class ShardWriter:
-    def __init__(self, directory: Path, max_shard_bytes: int = DEFAULT_SHARD_BYTES):
-        self.dir, self.max = Path(directory), max_shard_bytes
+    """Invariant: once `flush` returns, `records[i]` describes the complete file
+    `shard-{i:05d}.tmp`: {"file", "keys", "bytes" (file size)} and, with `checksums`, its
+    "sha256" (what streaming's resume state verifies)."""
+
+    def __init__(self, directory: Path, max_shard_bytes: int = DEFAULT_SHARD_BYTES, checksums: bool = False):
+        self.dir, self.max, self.checksums = Path(directory), max_shard_bytes, checksums
         self.pending: dict[str, torch.Tensor] = {}
         self.pending_bytes = 0
-        self.shards: list[list[str]] = []
+        self.records: list[dict] = []
         self.keys: set[str] = set()
         self.total_bytes = 0
+
+    @property
+    def shards(self) -> list[list[str]]:
+        return [r["keys"] for r in self.records]
+
+    def resume(self, records: list[dict], total_bytes: int) -> None:
+        """Continue after shards already written (and verified) by an interrupted run."""
+        self.records = [dict(r) for r in records]
+        self.keys = {k for r in records for k in r["keys"]}
+        self.total_bytes = total_bytes
 
     def add(self, key: str, tensor: torch.Tensor) -> None:
         if key in self.keys:
@@ -42,47 +59,39 @@ class ShardWriter:
     def flush(self) -> None:
         if not self.pending:
             return
-        i = len(self.shards)
-        save_file(self.pending, str(self.dir / f"shard-{i:05d}.tmp"), metadata={"format": "pt"})
-        self.shards.append(list(self.pending))
+        name = f"shard-{len(self.records):05d}.tmp"
+        part = self.dir / f"{name}.part"
+        try:
+            save_file(self.pending, str(part), metadata={"format": "pt"})
+            replace_durably(part, self.dir / name)
+        except BaseException:
+            part.unlink(missing_ok=True)
+            raise
+        rec = {"file": name, "keys": list(self.pending), "bytes": (self.dir / name).stat().st_size}
+        if self.checksums:
+            rec["sha256"] = sha256_file(self.dir / name)
+        self.records.append(rec)
         self.pending, self.pending_bytes = {}, 0
 
-    def close(self) -> None:
-        """Name the shards as transformers does and write the index."""
+    def close(self, keep_tmp_names: bool = False) -> None:
+        """Name the shards as transformers does and write the index. `keep_tmp_names`: give
+        the shards their final names as hard links, so the `shard-*.tmp` files a resume
+        state refers to stay valid until the caller removes them."""
         self.flush()
-        n = len(self.shards)
+        n = len(self.records)
         weight_map = {}
-        for i, keys in enumerate(self.shards):
+        for i, rec in enumerate(self.records):
             name = "model.safetensors" if n == 1 else f"model-{i + 1:05d}-of-{n:05d}.safetensors"
-            os.replace(self.dir / f"shard-{i:05d}.tmp", self.dir / name)
-            weight_map.update({k: name for k in keys})
+            src, dst = self.dir / rec["file"], self.dir / name
+            if keep_tmp_names:
+                dst.unlink(missing_ok=True)
+                try:
+                    os.link(src, dst)
+                except OSError:  # no hard links on this file system: a resume will recompute
+                    os.replace(src, dst)
+            else:
+                os.replace(src, dst)
+            weight_map.update({k: name for k in rec["keys"]})
         if n > 1:
             index = {"metadata": {"total_size": self.total_bytes}, "weight_map": dict(sorted(weight_map.items()))}
-            (self.dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
-
-
-class AtomicDir:
-    """`with AtomicDir(out, overwrite) as tmp:` write into tmp; renamed to out on success."""
-
-    def __init__(self, out: "str | os.PathLike", overwrite: bool = False):
-        self.out, self.overwrite = Path(out), overwrite
-        if self.out.exists() and (not self.out.is_dir() or any(self.out.iterdir())) and not overwrite:
-            raise FileExistsError(f"output directory {self.out} exists and is not empty; choose another path or pass overwrite=True")
-
-    def __enter__(self) -> Path:
-        self.out.parent.mkdir(parents=True, exist_ok=True)
-        self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.out.name}.moeq-tmp-", dir=self.out.parent))
-        return self.tmp
-
-    def __exit__(self, exc_type, exc, tb):
-        if exc_type is not None:
-            shutil.rmtree(self.tmp, ignore_errors=True)
-            return False
-        old = None
-        if self.out.exists():
-            old = self.out.with_name(f".{self.out.name}.moeq-old-{os.getpid()}")
-            os.replace(self.out, old)
-        os.replace(self.tmp, self.out)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-        return False
+            write_atomic(self.dir / "model.safetensors.index.json", json.dumps(index, indent=2))

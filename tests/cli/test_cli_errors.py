@@ -78,7 +78,7 @@ def test_out_is_a_file(tmp_path, model_dir, capsys, no_load):
     f = tmp_path / "file"
     f.write_text("mine")
     rc, lines = _run(["quantize", "--model", str(model_dir), "--out", str(f), "--overwrite"], capsys)
-    _one_line_error(rc, lines, "is a file")
+    _one_line_error(rc, lines, "file")
     assert f.read_text() == "mine"
 
 

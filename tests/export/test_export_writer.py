@@ -83,30 +83,41 @@ def test_failed_write_leaves_nothing(zoo, tmp_path, monkeypatch):
 
 def test_failed_overwrite_keeps_the_old_export(zoo, tmp_path, monkeypatch):
     out = tmp_path / "out"
-    out.mkdir()
-    (out / "keep.txt").write_text("old")
+    _export(zoo, out, "compressed-tensors")
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
     _failing_save_file(monkeypatch)
     with pytest.raises(OSError, match="disk full"):
         _export(zoo, out, overwrite=True, max_shard_bytes=64 * 1024)
-    assert [p.name for p in out.iterdir()] == ["keep.txt"] and (out / "keep.txt").read_text() == "old"
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
     assert [p.name for p in tmp_path.iterdir()] == ["out"]
 
 
 def test_non_empty_output_dir_is_refused_unless_overwrite(zoo, tmp_path):
     out = tmp_path / "out"
-    out.mkdir()
+    _export(zoo, out, "compressed-tensors")
     (out / "keep.txt").write_text("old")
     with pytest.raises(FileExistsError, match="overwrite=True"):
         _export(zoo, out)
-    assert [p.name for p in out.iterdir()] == ["keep.txt"]
+    assert (out / "keep.txt").read_text() == "old"
     assert [p.name for p in tmp_path.iterdir()] == ["out"]
 
-    _export(zoo, out, overwrite=True)
+    _export(zoo, out, overwrite=True)  # an earlier moeq export (it has moeq_export.json) is replaced
     assert not (out / "keep.txt").exists()
     assert (out / "model.safetensors").exists() and (out / "config.json").exists()
+    assert (out / "hf_quant_config.json").exists()  # the modelopt export replaced the compressed-tensors one
     assert [p.name for p in tmp_path.iterdir()] == ["out"]  # the replaced directory is gone
     ids = zoo.eval_ids(zoo.base(MODEL))
     assert torch.equal(logits(moeq.load(out), ids), zoo.quantized_logits(MODEL, PRESET))
+
+
+def test_overwrite_refuses_a_directory_moeq_did_not_write(zoo, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("old")
+    with pytest.raises(FileExistsError, match="not written by moeq"):
+        _export(zoo, out, overwrite=True)
+    assert [p.name for p in out.iterdir()] == ["keep.txt"] and (out / "keep.txt").read_text() == "old"
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]
 
 
 def test_empty_output_dir_is_fine(zoo, tmp_path):
