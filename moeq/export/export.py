@@ -20,6 +20,7 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers.core_model_loading import revert_weight_conversion
 
+from ..calibration_stats import full
 from ..quantize import SESSION_ATTR, Session, unwrap
 from ..quantizer import quantize_weight
 from .layouts import check_supported, input_tensors, quant_configs, weight_tensors
@@ -102,7 +103,7 @@ def expert_units(t, proj: str, pieces: list[Piece]) -> list[tuple[str, int, "tor
 
 def _write_experts(w, layout, recipe, st, proj: str, pieces: list[Piece]):
     t = st.target
-    w_nk = t.nk(proj).detach()
+    w_nk = t.nk(proj, full(t.param(proj).detach()))
     amax = st.w_amax[proj]
     in_amax = st.input_amax(proj) if recipe.input is not None else None
     E, N, K = w_nk.shape
@@ -117,13 +118,30 @@ def _write_experts(w, layout, recipe, st, proj: str, pieces: list[Piece]):
 
 
 def _write_linear(w, layout, recipe, st, pieces: list[Piece]):
-    weight = st.target.module.weight.detach()
+    weight = full(st.target.module.weight.detach())
     q = quantize_weight(recipe, weight, st.w_amax)
     in_amax = st.shared_in_amax if recipe.input is not None else None
     for piece in pieces:
         if not piece.key.endswith(".weight"):
             raise NotImplementedError(f"checkpoint key {piece.key} for {piece.param} does not end in .weight")
         _emit(w, layout, recipe, piece.key[: -len(".weight")], _slice(q, None, piece.rows), st.w_amax, in_amax, weight.shape[1])
+
+
+class _Discard:
+    """A writer that drops what it is given (ranks other than 0 of a sharded export)."""
+
+    def add(self, key: str, tensor: torch.Tensor) -> None:
+        pass
+
+
+def _sharded_rank(model: nn.Module) -> int:
+    """This process's rank when the parameters are sharded over processes (FSDP2 DTensors):
+    export is then a collective every rank calls; 0 otherwise."""
+    import torch.distributed as dist
+
+    if any(hasattr(p, "full_tensor") for p in model.parameters()) and dist.is_available() and dist.is_initialized():
+        return dist.get_rank()
+    return 0
 
 
 def _check_shared_keys(plan: dict[str, list[Piece]], quantized) -> None:
@@ -165,7 +183,9 @@ def _write_config(model: nn.Module, out: Path, layout, recipe, ignore, trust_rem
     cfg = model.config.to_dict()
     cfg.pop("quantization_config", None)
     if not cfg.get("architectures"):
-        cfg["architectures"] = [type(model).__name__]
+        # the transformers class, not a wrapper class made on the fly (FSDP2's fully_shard makes FSDP<Name>)
+        cls = next((c for c in type(model).__mro__ if c.__module__.startswith("transformers.")), type(model))
+        cfg["architectures"] = [cls.__name__]
     if cfg.get("auto_map") and not trust_remote_code:
         # The model was calibrated with transformers' own class (without trust_remote_code transformers
         # ignores auto_map whenever it has the model_type). Keeping auto_map would make a loader that passes
@@ -245,11 +265,11 @@ def export(model: nn.Module, out_dir, layout: str = "modelopt", *, overwrite: bo
     _check_shared_keys(plan, sources)
     ignore = _ignore_list(session.targets.excluded, plan)
     sd = model.state_dict(keep_vars=True)
-    plain = revert_weight_conversion(model, {n: sd[n].detach() for n in plan if n not in sources})
-    n_tensors = 0
-    with AtomicDir(out_dir, overwrite, source=source_dir(model)) as tmp:
-        w = ShardWriter(tmp, max_shard_bytes)
-        for pname in tqdm(list(sources), desc="exporting", disable=not progress, unit="tensor"):
+    plain = revert_weight_conversion(model, {n: full(sd[n].detach()) for n in plan if n not in sources})
+    rank = _sharded_rank(model)
+
+    def write_tensors(w) -> None:
+        for pname in tqdm(list(sources), desc="exporting", disable=not progress or rank != 0, unit="tensor"):
             st, proj = sources[pname]
             if proj is None:
                 _write_linear(w, layout, recipe, st, plan[pname])
@@ -257,6 +277,14 @@ def export(model: nn.Module, out_dir, layout: str = "modelopt", *, overwrite: bo
                 _write_experts(w, layout, recipe, st, proj, plan[pname])
         for key, t in plain.items():
             w.add(key, t)
+
+    if rank != 0:  # FSDP2: gather every parameter with rank 0 (the same collectives, same order); rank 0 writes
+        write_tensors(_Discard())
+        return ExportReport(str(out_dir), layout, recipe.name, time.perf_counter() - t0, 0, 0, ignore)
+    n_tensors = 0
+    with AtomicDir(out_dir, overwrite, source=source_dir(model)) as tmp:
+        w = ShardWriter(tmp, max_shard_bytes)
+        write_tensors(w)
         w.close()
         n_tensors = sum(len(s) for s in w.shards)
         _write_config(model, tmp, layout, recipe, ignore, trust_remote_code)
