@@ -38,7 +38,7 @@ from .export.load import CheckpointReader
 from .export.outdir import check_out_dir, clean_stale, disk_full_error, is_disk_full, publish
 from .export.plan import checkpoint_plan, fill_from_checkpoint
 from .export.writer import DEFAULT_SHARD_BYTES, ShardWriter
-from .quantize import QuantReport, Session, _check_coverage, _check_shapes
+from .quantize import QuantReport, Session, _check_coverage, _check_finite, _check_shapes
 from .recipes import Recipe, get_recipe
 from .resume_state import PartialRun, fingerprint
 from .targets import Targets, find_targets
@@ -201,15 +201,23 @@ def quantize_streaming(model_path, recipe: "str | Recipe", calib_batches, out_di
     outer = [n for n in names if not any(n.startswith(p) for p in prefixes)]
     mat.load(outer)
 
-    calib = []
+    calib, masks = [], []  # masks[b]: [B, T] bool where batch b has padding, else None
     for b in calib_batches:
+        mask = None
         if isinstance(b, dict):
             mask = b.get("attention_mask")
-            if mask is not None and not bool(mask.all()):
-                raise ValueError("streaming calibration takes unpadded batches (input_ids only); padded batches "
-                                 "with an attention_mask are supported by the in-memory moeq.quantize")
             b = b["input_ids"]
+        if mask is not None:
+            mask = mask.bool().cpu()
+            if mask.shape != b.shape:
+                raise ValueError(f"calibration batch {len(calib)}: attention_mask {tuple(mask.shape)} does not match "
+                                 f"input_ids {tuple(b.shape)}")
+            if not bool(mask.any()):
+                log.warning("calibration batch %d is all padding; skipped", len(calib))
+                continue
+            mask = None if bool(mask.all()) else mask
         calib.append(b)
+        masks.append(mask)
     if not calib:
         raise ValueError("calibration data is empty; pass at least one batch of input_ids")
     calls: list[list] = [[] for _ in layers]
@@ -217,9 +225,10 @@ def quantize_streaming(model_path, recipe: "str | Recipe", calib_batches, out_di
     for i, layer in enumerate(originals):
         layers[i] = _Catcher(layer, i, calls[i], last=i == len(layers) - 1)
     try:
-        for ids in calib:
-            try:
-                model(input_ids=ids.to(device), use_cache=False)
+        for ids, mask in zip(calib, masks):
+            try:  # with the mask, the recorded layer arguments carry the padding-aware attention masks
+                model(input_ids=ids.to(device), use_cache=False,
+                      **({} if mask is None else {"attention_mask": mask.long().to(device)}))
             except _Stop:
                 pass
     finally:
@@ -232,7 +241,8 @@ def quantize_streaming(model_path, recipe: "str | Recipe", calib_batches, out_di
     if write:
         world = _world_size()
         fp = fingerprint(model_path=path, recipe=recipe, layout=layout, dtype=model.dtype,
-                         calib_all_experts=calib_all_experts, calib=calib, max_shard_bytes=max_shard_bytes,
+                         calib_all_experts=calib_all_experts, max_shard_bytes=max_shard_bytes,
+                         calib=[b if m is None else b.masked_fill(~m, -1) for b, m in zip(calib, masks)],
                          device=device, world_size=world)
         out.parent.mkdir(parents=True, exist_ok=True)
         clean_stale(out)
@@ -251,7 +261,8 @@ def quantize_streaming(model_path, recipe: "str | Recipe", calib_batches, out_di
         report = QuantReport(recipe.name, quantized=[t.name for t in targets.experts] + [t.name for t in targets.linears],
                              excluded=list(targets.excluded), tokens_per_expert=dict(tokens_per_expert),
                              never_routed={}, calib_all_experts=calib_all_experts,
-                             calib_tokens=sum(b.numel() for b in calib), calib_batches=len(calib))
+                             calib_tokens=sum(b.numel() if m is None else int(m.sum()) for b, m in zip(calib, masks)),
+                             calib_batches=len(calib))
         bar = tqdm(range(done, len(layers)), desc="layers", disable=not progress, unit="layer")
         for i in bar:
             if stop_after_layers is not None and i >= stop_after_layers:
@@ -264,8 +275,14 @@ def quantize_streaming(model_path, recipe: "str | Recipe", calib_batches, out_di
             session.attach(calib_all_experts)
             try:
                 new_hidden = []
-                for h, (_, args, kwargs) in zip(hidden, calls[i]):
-                    o = layers[i](h.to(device), *args, **kwargs)
+                for b, (h, (_, args, kwargs)) in enumerate(zip(hidden, calls[i])):
+                    # padding never reaches the statistics (as in moeq.quantize)
+                    session.batch.token_mask = None if masks[b] is None else masks[b].reshape(-1).to(device)
+                    try:
+                        o = layers[i](h.to(device), *args, **kwargs)
+                    finally:
+                        session.batch.token_mask = None
+                    _check_finite(session, b)
                     new_hidden.append((o[0] if isinstance(o, tuple) else o).to("cpu"))
                 session.reduce_stats()
                 _check_coverage(session, report, calibrated=True)

@@ -93,3 +93,26 @@ def test_two_process_gloo_equals_single_process(tmp_path, streaming):
     # two ranks each calibrate on half of the windows (rank r takes windows r::2); stats are reduced with gloo
     _cli(args + ["--out", str(tmp_path / "two")], nproc=2)
     assert_same_checkpoint(tmp_path / "one", tmp_path / "two")
+
+
+@pytest.mark.parametrize("model_type", ["qwen3_moe", "qwen3_5_moe"])
+def test_streaming_padded_batches_equal_in_memory(tmp_path, model_type):
+    """Issue 11: padding marked by attention_mask is honoured by streaming as by moeq.quantize
+    (it used to be refused); the exports are identical and differ from an unmasked run."""
+    src = tmp_path / "src"
+    tm.tiny_model(model_type).save_pretrained(src)
+    model = transformers.AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32)
+    ids = tm.random_input_ids(model, batch=3, seq=16, seed=3)
+    mask = torch.ones_like(ids)
+    mask[1, 9:] = 0
+    mask[2, 4:] = 0
+    calib = [{"input_ids": ids, "attention_mask": mask}, tm.random_input_ids(model, batch=2, seq=16, seed=4)]
+    rep_mem = moeq.quantize(model, "nvfp4", calib, progress=False)
+    moeq.export(model, tmp_path / "mem", progress=False)
+    report, _ = quantize_streaming(src, "nvfp4", calib, tmp_path / "stream", progress=False)
+    assert report.calib_tokens == rep_mem.calib_tokens == int(mask.sum()) + 32
+    assert report.tokens_per_expert == rep_mem.tokens_per_expert
+    assert_same_checkpoint(tmp_path / "mem", tmp_path / "stream")
+    quantize_streaming(src, "nvfp4", [ids, calib[1]], tmp_path / "unmasked", progress=False)
+    with pytest.raises(AssertionError):
+        assert_same_checkpoint(tmp_path / "stream", tmp_path / "unmasked")
