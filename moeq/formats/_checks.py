@@ -13,6 +13,13 @@ import torch
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
+def div(x: torch.Tensor, c: float) -> torch.Tensor:
+    """x / c, correctly rounded on every device. (On CUDA, dividing by a Python number is
+    computed as x * (1 / c), which differs from x / c in the last bit: CPU and CUDA scales
+    and codes then disagree; found by tests/formats/test_cuda.py on an H100.)"""
+    return x / torch.full((), c, dtype=x.dtype, device=x.device)
+
+
 def check_input(x: torch.Tensor, block: int, what: str = "x", finite: bool = True) -> None:
     """Raise a clear error for inputs no format can quantize."""
     if not isinstance(x, torch.Tensor):

@@ -12,7 +12,7 @@ from typing import NamedTuple
 
 import torch
 
-from ._checks import check_input, expand_amax
+from ._checks import check_input, div, expand_amax
 
 E4M3_MAX = 448.0
 
@@ -26,7 +26,7 @@ def scale_from_amax(amax) -> torch.Tensor:
     """amax / 448, or 1 where amax == 0 (an all-zero tensor keeps a usable scale); floored at
     the smallest normal float32 so a denormal amax never gives a zero scale."""
     amax = torch.as_tensor(amax, dtype=torch.float32)
-    return torch.where(amax > 0, (amax / E4M3_MAX).clamp(min=2.0**-126), torch.ones_like(amax))
+    return torch.where(amax > 0, div(amax, E4M3_MAX).clamp(min=2.0**-126), torch.ones_like(amax))
 
 
 def _quantize_with_scale(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:

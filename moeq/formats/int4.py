@@ -15,7 +15,7 @@ from typing import NamedTuple
 
 import torch
 
-from ._checks import check_input
+from ._checks import check_input, div
 
 GROUP_SIZE = 128
 QMIN, QMAX = -8, 7
@@ -29,7 +29,7 @@ class Int4Tensor(NamedTuple):
 
 def _group_scale(x: torch.Tensor, group_size: int, scale_dtype) -> torch.Tensor:
     gamax = x.unflatten(-1, (x.shape[-1] // group_size, group_size)).abs().amax(dim=-1)
-    scale = (gamax.float() / _HALF_RANGE).to(scale_dtype or x.dtype)
+    scale = div(gamax.float(), _HALF_RANGE).to(scale_dtype or x.dtype)
     return torch.where(scale == 0, torch.ones_like(scale), scale)
 
 

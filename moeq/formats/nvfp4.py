@@ -18,7 +18,7 @@ from typing import NamedTuple
 import torch
 
 from . import fp4
-from ._checks import check_input, expand_amax
+from ._checks import check_input, div, expand_amax
 
 BLOCK_SIZE = 16
 E4M3_MAX = 448.0
@@ -38,7 +38,7 @@ _MIN_SCALE = 2.0**-126
 def scale_2(amax: torch.Tensor) -> torch.Tensor:
     """ModelOpt per-tensor scale: amax / 2688 (1 where amax == 0, floored so 1/scale_2 stays finite)."""
     amax = torch.as_tensor(amax, dtype=torch.float32)
-    return torch.where(amax > 0, (amax / (fp4.FP4_MAX * E4M3_MAX)).clamp(min=_MIN_SCALE), torch.ones_like(amax))
+    return torch.where(amax > 0, div(amax, fp4.FP4_MAX * E4M3_MAX).clamp(min=_MIN_SCALE), torch.ones_like(amax))
 
 
 def global_scale(amax: torch.Tensor) -> torch.Tensor:
@@ -53,7 +53,7 @@ def _blocks(x: torch.Tensor, block_size: int) -> torch.Tensor:
 def _quantize(x: torch.Tensor, gs: torch.Tensor, block_size: int) -> NVFP4Tensor:
     xb = _blocks(x, block_size)  # [..., N, K/B, B]
     block_amax = xb.abs().amax(dim=-1)  # [..., N, K/B]
-    bs = (gs * (block_amax / fp4.FP4_MAX)).clamp(SCALE_FLOOR, E4M3_MAX).to(torch.float8_e4m3fn)
+    bs = (gs * div(block_amax, fp4.FP4_MAX)).clamp(SCALE_FLOOR, E4M3_MAX).to(torch.float8_e4m3fn)
     bs = torch.where(block_amax == 0, torch.ones_like(bs), bs)
     eff = bs.float() / gs
     codes = fp4.round_to_codes((xb / eff.unsqueeze(-1)).clamp(-fp4.FP4_MAX, fp4.FP4_MAX))
@@ -81,7 +81,7 @@ def fake_quant_with_global_scale(x: torch.Tensor, gs: torch.Tensor, block_size: 
     """Hot-path fake quant (no input checks); gs already shaped to broadcast against x."""
     xb = _blocks(x, block_size)
     block_amax = xb.abs().amax(dim=-1, keepdim=True)
-    bs = (gs.unsqueeze(-1) * (block_amax / fp4.FP4_MAX)).clamp(SCALE_FLOOR, E4M3_MAX).to(torch.float8_e4m3fn)
+    bs = (gs.unsqueeze(-1) * div(block_amax, fp4.FP4_MAX)).clamp(SCALE_FLOOR, E4M3_MAX).to(torch.float8_e4m3fn)
     eff = torch.where(block_amax == 0, 1.0, bs.float()) / gs.unsqueeze(-1)
     return (fp4.round_to_values(xb / eff) * eff).flatten(-2).to(x.dtype)
 
