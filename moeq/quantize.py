@@ -215,7 +215,7 @@ def quantize(
     calib_data: Iterable | None = None,
     *,
     calib_all_experts: bool = False,
-    cache_weights: bool = False,
+    cache_weights: bool | None = None,
     progress: bool = True,
 ) -> QuantReport:
     """Quantize `model` in place (fake-quant) and return a report.
@@ -224,9 +224,11 @@ def quantize(
     attention_mask (padding never reaches the statistics). Required when the recipe
     quantizes inputs; optional for weight-only recipes (then only token coverage is missing
     from the report).
-    cache_weights: keep the fake-quant weights between forwards (faster evaluation, one
-    extra copy of the quantized weights). By default each call computes them from the
-    module's current parameters: no second copy, and `.to()` / sharding are followed.
+    cache_weights: keep the fake-quant weights between forwards (True: faster evaluation,
+    one extra copy of the quantized weights, recomputed when a parameter changes) or compute
+    them from the module's current parameters at every call (False: no second copy). None
+    (default) caches only when the copy takes at most a quarter of the free memory of the
+    weights' device and the parameters are not sharded (FSDP2).
     """
     recipe = get_recipe(recipe)
     model = unwrap(model)
@@ -265,7 +267,7 @@ def quantize(
         session.reduce_stats()
         report.calib_tokens, report.calib_batches = _sum_over_ranks(report.calib_tokens, report.calib_batches)
         _check_coverage(session, report, calibrated=True)
-        session.finalize(cache_fake_quant=cache_weights)
+        session.finalize(cache_fake_quant=_decide_cache(targets, cache_weights))
     except BaseException:
         session.detach()
         raise
@@ -287,6 +289,34 @@ def quantize(
     session.report = report
     setattr(model, SESSION_ATTR, session)
     return report
+
+
+def _free_bytes(device: torch.device) -> int | None:
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def _decide_cache(targets: Targets, requested: bool | None) -> bool:
+    """Whether the fake-quant weights are kept between forwards (see quantize's cache_weights)."""
+    if requested is not None:
+        return bool(requested)
+    params = [t.param(p) for t in targets.experts for p in t.projs] + [t.module.weight for t in targets.linears]
+    if not params or any(hasattr(p, "full_tensor") for p in params):
+        return False  # sharded parameters: a full copy on every rank would undo the sharding
+    need = sum(p.numel() * p.element_size() for p in params)
+    free = _free_bytes(params[0].device)
+    cache = free is not None and need <= free // 4
+    log.info("fake-quant weights %s (%.2f GiB; %s GiB free)", "cached" if cache else "computed per call",
+             need / 2**30, "?" if free is None else f"{free / 2**30:.1f}")
+    return cache
 
 
 def unwrap(model: nn.Module) -> nn.Module:

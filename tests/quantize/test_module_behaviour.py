@@ -98,7 +98,7 @@ def test_compiled_forward_after_quantize(pristine, calib):
 def test_no_second_copy_of_the_weights(pristine, calib):
     """Nothing the size of a weight outlives a forward: the session holds only scales."""
     m = fresh(pristine("qwen3_moe"))
-    moeq.quantize(m, "nvfp4", calib, progress=False)
+    moeq.quantize(m, "nvfp4", calib, cache_weights=False, progress=False)
     logits(m, calib[0])
     s = m.moeq_session
     held = [t for st in [*s.experts, *s.linears.values()] for t in _tensors(vars(st))]
@@ -119,7 +119,7 @@ def _tensors(obj):
 
 def test_cache_weights_option_gives_identical_logits(pristine, calib):
     a, b = fresh(pristine("qwen3_moe")), fresh(pristine("qwen3_moe"))
-    moeq.quantize(a, "nvfp4", calib, progress=False)
+    moeq.quantize(a, "nvfp4", calib, cache_weights=False, progress=False)
     moeq.quantize(b, "nvfp4", calib, cache_weights=True, progress=False)
     ids = tm.random_input_ids(a, 2, 16, seed=5)
     assert torch.equal(logits(a, ids), logits(b, ids))
@@ -157,3 +157,16 @@ def test_weight_only_without_data_checks_coverage(pristine):
     assert dt and set(dt) <= set(rep.excluded)
     assert not set(dt) & set(rep.quantized)
     assert any("dt_proj" in w for w in rep.warnings)
+
+
+@pytest.mark.parametrize("free,cached", [(10**12, True), (10**5, False)])
+def test_cache_decided_by_free_memory(pristine, calib, monkeypatch, free, cached):
+    """Default: the fake-quant weights are cached only when a copy fits easily."""
+    import importlib
+
+    q = importlib.import_module("moeq.quantize")  # (moeq.quantize is also the name of the function)
+
+    monkeypatch.setattr(q, "_free_bytes", lambda device: free)
+    m = fresh(pristine("qwen3_moe"))
+    moeq.quantize(m, "nvfp4", calib, progress=False)
+    assert all((st.cache is not None) == cached for st in m.moeq_session.experts)
