@@ -166,12 +166,14 @@ def quantize(
     *,
     calib_all_experts: bool = False,
     progress: bool = True,
+    layout: str | None = None,
 ) -> QuantReport:
     """Quantize `model` in place (fake-quant) and return a report.
 
     calib_data: iterable of input_ids LongTensors [B, T] or dicts with input_ids /
     attention_mask. Required when the recipe quantizes inputs; optional for weight-only
-    recipes (then only token coverage is missing from the report).
+    recipes (then only token coverage is missing from the report). layout: the export layout to
+    check before calibration (a combination vLLM cannot load is refused here instead of at export).
     """
     recipe = get_recipe(recipe)
     if getattr(model, SESSION_ATTR, None) is not None:
@@ -180,6 +182,11 @@ def quantize(
     if not targets.experts and not targets.linears:
         raise ValueError(f"nothing to quantize in {type(model).__name__}: no fused experts and no nn.Linear outside the exclude patterns")
     _check_shapes(targets, recipe)
+    if layout is not None:
+        from .export.layouts import check_experts_supported, check_supported
+
+        check_supported(layout, recipe)
+        check_experts_supported(layout, recipe, targets.experts)
     offloaded = [t.name for t in [*targets.experts, *targets.linears]
                  if any(p.is_meta for p in t.module.parameters(recurse=False))]
     if offloaded:
