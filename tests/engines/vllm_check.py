@@ -110,12 +110,26 @@ def run_check(ckpt: Path, timeout: int = 900) -> tuple[str, dict]:
     return verdict, res
 
 
+#: vLLM's MLA prefill backends accept only DeepSeek's real head dims (selector.py: "No valid MLA prefill backend"):
+#: tiny MLA models keep hidden 128 / 8 experts but get these.
+MLA_DIMS = {"qk_nope_head_dim": 128, "qk_rope_head_dim": 64, "v_head_dim": 128, "kv_lora_rank": 512}
+
+
+def tiny_for_vllm(model_type: str):
+    """The bf16 tiny model of `model_type`, with DeepSeek's MLA head dims where the config has MLA."""
+    cfg = tm.tiny_config(model_type)
+    over = {k: v for k, v in MLA_DIMS.items() if hasattr(cfg, "kv_lora_rank") and hasattr(cfg, k)}
+    if "qk_nope_head_dim" in over and hasattr(cfg, "head_dim"):
+        over["head_dim"] = MLA_DIMS["qk_rope_head_dim"]
+    return tm.tiny_model(model_type, dtype=torch.bfloat16, **over)
+
+
 def export_tiny(model_type: str, preset: str, layout: str, out: Path, cache: dict | None = None) -> str | None:
     """Quantize the bf16 tiny `model_type` with `preset` (cached per preset in `cache`) and export it in `layout`
     to `out`. -> None, or the one-line refusal when moeq refuses the combination before calibration."""
     key = (model_type, preset)
     if cache is None or key not in cache:
-        model = tm.tiny_model(model_type, dtype=torch.bfloat16)
+        model = tiny_for_vllm(model_type)
         ids = [tm.random_input_ids(model, batch=2, seq=16, seed=s) for s in range(2)]
         try:
             moeq.quantize(model, preset, ids, progress=False, layout=layout)
