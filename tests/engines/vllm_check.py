@@ -121,7 +121,13 @@ def tiny_for_vllm(model_type: str):
     over = {k: v for k, v in MLA_DIMS.items() if hasattr(cfg, "kv_lora_rank") and hasattr(cfg, k)}
     if "qk_nope_head_dim" in over and hasattr(cfg, "head_dim"):
         over["head_dim"] = MLA_DIMS["qk_rope_head_dim"]
-    return tm.tiny_model(model_type, dtype=torch.bfloat16, **over)
+    model = tm.tiny_model(model_type, dtype=torch.bfloat16, **over)
+    # DeepSeek's own configs say topk_method "noaux_tc" (transformers' config class has no such field); vLLM's
+    # deepseek_v2.py creates gate.e_score_correction_bias only then
+    if getattr(model.config, "topk_method", None) is None and any(
+            n.endswith("e_score_correction_bias") for n, _ in model.named_parameters()) and model_type.startswith("deepseek"):
+        model.config.topk_method = "noaux_tc"
+    return model
 
 
 def export_tiny(model_type: str, preset: str, layout: str, out: Path, cache: dict | None = None) -> str | None:
