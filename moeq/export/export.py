@@ -102,19 +102,30 @@ def expert_units(t, proj: str, pieces: list[Piece]) -> list[ExpertUnit]:
     """The per-expert checkpoint modules of one fused projection.
 
     Checkpoints that split experts (`...experts.{e}.gate_proj.weight`, Mixtral `w1/w3/w2`) keep their own
-    names. When the original checkpoint keeps the stack fused (gpt-oss `mlp.experts.gate_up_proj`), the
-    quantized experts are written the way vLLM 0.33's loader for such models reads them (gpt_oss.py,
+    names. When the original checkpoint keeps the stack fused, experts with biases (gpt-oss
+    `mlp.experts.gate_up_proj`) are written the way vLLM 0.33's loader for such models reads them (gpt_oss.py,
     `GptOssRoutedExperts`: one expert at a time): `...experts.{e}.w13_weight_packed` / `w13_weight_scale`
     [2I, ...] with gate/up rows interleaved, `...experts.{e}.w2_*` for down; the biases stay under their
-    fused original names (`gate_up_proj_bias`, `down_proj_bias`), which vLLM maps to w13_bias / w2_bias."""
+    fused original names (`gate_up_proj_bias`, `down_proj_bias`), which vLLM maps to w13_bias / w2_bias;
+    other fused stacks are split into per-expert `gate_proj` / `up_proj` / `down_proj` modules."""
     if any(piece.rows is None for piece in pieces):
         if len(pieces) != 1:
             raise NotImplementedError(f"{t.name}.{proj}: mixed fused and split checkpoint keys")
         prefix = pieces[0].key.rsplit(".", 1)[0]
         first = proj == t.projs[0]
-        rows = _w13_rows(t, t.nk(proj).shape[1]) if first else slice(None)
-        leaf = "w13_" if first else "w2_"
-        return [ExpertUnit(f"{prefix}.{e}.{leaf}", e, rows, True) for e in range(t.num_experts)]
+        if getattr(t.module, "has_bias", False):
+            # expert biases: vLLM 0.33's gpt-oss loader family (GptOss, OpenAIPrivacyFilter), the only one with them
+            rows = _w13_rows(t, t.nk(proj).shape[1]) if first else slice(None)
+            leaf = "w13_" if first else "w2_"
+            return [ExpertUnit(f"{prefix}.{e}.{leaf}", e, rows, True) for e in range(t.num_experts)]
+        # other fused checkpoints: per-expert gate_proj / up_proj / down_proj, which vLLM's generic expert
+        # mapping (FusedMoE.make_expert_params_mapping) reads for quantized experts
+        if first and t.has_gate:
+            g, u = t.gate_up_rows(t.nk(proj).shape[1])
+            leaves = (("gate_proj", g), ("up_proj", u))
+        else:
+            leaves = (("up_proj" if first else "down_proj", slice(None)),)
+        return [ExpertUnit(f"{prefix}.{e}.{leaf}.", e, rows) for e in range(t.num_experts) for leaf, rows in leaves]
     for piece in pieces:
         if not piece.key.endswith(".weight"):
             raise NotImplementedError(f"checkpoint key {piece.key} for {piece.param} does not end in .weight")
