@@ -39,7 +39,7 @@ def _calib(model, n=2):
 @pytest.mark.parametrize("model_type,recipe,layout", [
     ("qwen3_5_moe", "nvfp4", "modelopt"),
     ("qwen3_5_moe", "nvfp4", "compressed-tensors"),
-    ("gpt_oss", "fp8", "modelopt"),
+    ("gpt_oss", "w4a16-int4", "compressed-tensors"),  # experts with biases: the one combination vLLM loads
     ("mixtral", "w4a16-int4", "compressed-tensors"),
 ])
 def test_streaming_equals_in_memory(tmp_path, model_type, recipe, layout):
@@ -93,3 +93,19 @@ def test_two_process_gloo_equals_single_process(tmp_path, streaming):
     # two ranks each calibrate on half of the windows (rank r takes windows r::2); stats are reduced with gloo
     _cli(args + ["--out", str(tmp_path / "two")], nproc=2)
     assert_same_checkpoint(tmp_path / "one", tmp_path / "two")
+
+
+def test_streaming_refuses_unloadable_experts_before_reading_data(tmp_path):
+    from moeq.export.layouts import UnsupportedExport
+    from moeq.streaming import quantize_streaming
+
+    src = tmp_path / "src"
+    tm.tiny_model("gpt_oss").save_pretrained(src)
+
+    def never():
+        raise AssertionError("calibration data was read before the refusal")
+        yield  # pragma: no cover
+
+    with pytest.raises(UnsupportedExport, match="fp8 in the modelopt layout"):
+        quantize_streaming(src, "fp8", never(), tmp_path / "out", "modelopt", progress=False)
+    assert not (tmp_path / "out").exists()
