@@ -48,6 +48,7 @@ def test_vllm_loads_export(model_type, preset, layout, cache, tmp_path):
             moeq.quantize(model, preset, iter(_never()), progress=False, layout=layout)
         return
     verdict, res = vc.run_check(out)
+    print(f"{model_type} {preset} {layout}: {verdict}")
     assert verdict.startswith("pass"), f"{model_type} {preset} {layout}: {verdict}"
 
 

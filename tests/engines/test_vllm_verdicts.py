@@ -9,7 +9,8 @@ _TRACK = "vLLM track_weights_loading: Following weights were not initialized fro
 
 
 def _res(problems, unwritten=None, **kw):
-    return {"ok": not problems, "stage": "done", "problems": problems, "unwritten": unwritten or {}, **kw}
+    return {"ok": not problems, "stage": "done", "problems": problems, "unwritten": unwritten or {},
+            "model_class": "GptOssForCausalLM", **kw}
 
 
 def test_pass():
@@ -36,3 +37,8 @@ def test_dropped_tensors_fail():
 
 def test_crash_fails():
     assert classify({"ok": False, "stage": "load-weights", "error": "KeyError: 'w2_bias'"}).startswith("fail: [load-weights]")
+
+
+def test_placeholders_waived_only_for_the_gpt_oss_loader():
+    res = _res([_TRACK + f"['{_PH}']"], {_PH: "16/16"}, model_class="MixtralForCausalLM")
+    assert classify(res).startswith("fail")
