@@ -31,6 +31,8 @@ import tiny_models as tm  # noqa: E402
 
 VERDICTS = REPO / "tests" / "support" / "vllm_verdicts.json"
 PRESETS = ("nvfp4",)
+#: also checked when moeq refuses every PRESETS combination (experts with biases: gpt-oss)
+FALLBACK = ("w4a16-int4", "compressed-tensors")
 CORE_TYPES = ("gpt_oss", "mixtral", "deepseek_v3", "qwen3_moe", "qwen3_5_moe_text", "nemotron_h")
 
 
@@ -81,8 +83,11 @@ def main(argv=None) -> int:
         else:
             cache: dict = {}
             with tempfile.TemporaryDirectory(prefix="moeq-vllm-sweep-") as tmp:
-                for preset in PRESETS:
-                    for layout in vc.LAYOUTS:
+                for preset, layout in [(p, lay) for p in PRESETS for lay in vc.LAYOUTS] + [FALLBACK]:
+                    if (preset, layout) == FALLBACK and not all(
+                            entry.get(f"{p} {lay}", "").startswith("refused") for p in PRESETS for lay in vc.LAYOUTS):
+                        continue
+                    if True:
                         out = Path(tmp) / f"{mt}-{preset}-{layout}"
                         t1 = time.perf_counter()
                         try:

@@ -85,7 +85,12 @@ def vllm_notes(verdicts: dict, model_type: str) -> list[str]:
         v = entry.get(f"nvfp4 {lay}")
         if v and v.startswith("fail"):
             by_msg.setdefault(v.split(":", 1)[1].strip(), []).append(lay)
-    return [f"vLLM nvfp4 {', '.join(w)}: {_code(_short(m))}" for m, w in by_msg.items()]
+    out = [f"vLLM nvfp4 {', '.join(w)}: {_code(_short(m))}" for m, w in by_msg.items()]
+    v = entry.get("w4a16-int4 compressed-tensors")
+    if v is not None:
+        out.append(f"vLLM w4a16-int4 compressed-tensors: {_vllm_mark(v)}"
+                   + (f" {_code(_short(v.split(':', 1)[1].strip()))}" if v.startswith("fail") else ""))
+    return out
 
 
 def notes(r: ModelResult, verdicts: dict | None = None) -> str:
