@@ -87,21 +87,20 @@ def main(argv=None) -> int:
                     if (preset, layout) == FALLBACK and not all(
                             entry.get(f"{p} {lay}", "").startswith("refused") for p in PRESETS for lay in vc.LAYOUTS):
                         continue
-                    if True:
-                        out = Path(tmp) / f"{mt}-{preset}-{layout}"
-                        t1 = time.perf_counter()
-                        try:
-                            refused = vc.export_tiny(mt, preset, layout, out, cache)
-                        except Exception as e:  # noqa: BLE001 - recorded, never hidden
-                            entry[f"{preset} {layout}"] = sweep._one_line(f"moeq failed: {type(e).__name__}: {e}", out)
-                            continue
-                        if refused is not None:
-                            entry[f"{preset} {layout}"] = f"refused: {refused}"
-                        else:
-                            verdict, _ = vc.run_check(out)
-                            entry[f"{preset} {layout}"] = sweep._one_line(verdict, out)
-                        print(f"{mt:28s} {preset} {layout:18s} {time.perf_counter() - t1:5.0f}s "
-                              f"{entry[f'{preset} {layout}'][:150]}", flush=True)
+                    out = Path(tmp) / f"{mt}-{preset}-{layout}"
+                    t1 = time.perf_counter()
+                    try:
+                        refused = vc.export_tiny(mt, preset, layout, out, cache)
+                    except Exception as e:  # noqa: BLE001 - recorded, never hidden
+                        entry[f"{preset} {layout}"] = sweep._one_line(f"moeq failed: {type(e).__name__}: {e}", out)
+                        continue
+                    if refused is not None:
+                        entry[f"{preset} {layout}"] = f"refused: {refused}"
+                    else:
+                        verdict, _ = vc.run_check(out)
+                        entry[f"{preset} {layout}"] = sweep._one_line(verdict, out)
+                    print(f"{mt:28s} {preset} {layout:18s} {time.perf_counter() - t1:5.0f}s "
+                          f"{entry[f'{preset} {layout}'][:150]}", flush=True)
         data["types"][mt] = entry
         save(data)
     print(f"done in {(time.perf_counter() - t0) / 60:.1f} min; {len(data['types'])} types in {VERDICTS}")
