@@ -128,8 +128,8 @@ def tiny_for_vllm(model_type: str):
     model = tm.tiny_model(model_type, dtype=torch.bfloat16, **over)
     # DeepSeek's own configs say topk_method "noaux_tc" (transformers' config class has no such field); vLLM's
     # deepseek_v2.py creates gate.e_score_correction_bias only then
-    if getattr(model.config, "topk_method", None) is None and any(
-            n.endswith("e_score_correction_bias") for n, _ in model.named_parameters()) and model_type.startswith("deepseek"):
+    if getattr(model.config, "topk_method", None) is None and model_type.startswith("deepseek") and any(
+            n.endswith("e_score_correction_bias") for n, _ in [*model.named_parameters(), *model.named_buffers()]):
         model.config.topk_method = "noaux_tc"
     return model
 
