@@ -160,7 +160,7 @@ def cmd_quantize(a) -> int:
     calib = D.batches(windows, a.batch_size)
     base = copy.deepcopy(model) if a.eval else None
     recipe = _recipe(a)
-    report = moeq.quantize(model, recipe, calib, calib_all_experts=a.calib_all_experts)
+    report = moeq.quantize(model, recipe, calib, calib_all_experts=a.calib_all_experts, layout=a.layout)
     if rank != 0:
         return 0  # statistics were reduced across ranks inside quantize; rank 0 writes
     ev = moeq.evaluate.compare(base, model, evalb, progress=True) if a.eval else None
@@ -310,9 +310,11 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     if args.cmd is None:
         args = build_parser().parse_args(["quantize"] + list(argv if argv is not None else sys.argv[1:]))
+    from .export.layouts import UnsupportedExport
+
     try:
         return args.func(args)
-    except CliError as e:
+    except (CliError, UnsupportedExport) as e:
         if args.debug:
             raise
         print(f"moeq: error: {e}", file=sys.stderr)

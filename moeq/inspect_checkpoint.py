@@ -23,6 +23,9 @@ from .export.layouts import recipe_from_config
 _SCALE_NAMES = ("weight_scale_2", "weight_global_scale", "input_scale", "input_global_scale")
 _QUANT_SUFFIXES = ("weight", "weight_packed", "weight_scale", "weight_shape", "weight_zero_point") + _SCALE_NAMES
 _PAIRS = (("gate_proj", "up_proj"), ("w1", "w3"))
+# A quantized module's tensors are stem + name: '...q_proj.' + 'weight_scale', or, for experts kept fused in the
+# original checkpoint (gpt-oss), vLLM's per-expert names '...experts.3.w13_' + 'weight_scale'.
+_STEM = re.compile(r"^(.*\.experts\.\d+\.(?:w13|w2)_|.*\.)weight_scale$")
 _DTYPES = {"U8": torch.uint8, "F8_E4M3": torch.float8_e4m3fn, "F32": torch.float32, "I32": torch.int32,
            "I64": torch.int64, "BF16": torch.bfloat16, "F16": torch.float16}
 
@@ -93,21 +96,22 @@ def inspect_checkpoint(path) -> InspectResult:
     ignore = list(qc.get("ignore") or qc.get("exclude_modules") or qc.get("quantization", {}).get("exclude_modules") or [])
     h = _Headers(path)
     ct = layout == "compressed-tensors"
-    modules = sorted({k.rsplit(".", 1)[0] for k in h.where if k.endswith(".weight_scale")})
-    res = InspectResult(str(path), layout, recipe.name, len(modules), {}, defaultdict(lambda: defaultdict(int)), ignore)
+    stems = sorted({m[1] for k in h.where if (m := _STEM.match(k))})
+    res = InspectResult(str(path), layout, recipe.name, len(stems), {}, defaultdict(lambda: defaultdict(int)), ignore)
     P = res.problems.append
     ws2 = {}
     in_scales = defaultdict(list)
-    for m in modules:
-        _check_module(h, m, recipe, ct, P)
-        g = f"{m}.weight_global_scale" if ct else f"{m}.weight_scale_2"
+    for stem in stems:
+        m = stem.rstrip("._")
+        _check_module(h, stem, recipe, ct, P)
+        g = f"{stem}weight_global_scale" if ct else f"{stem}weight_scale_2"
         if g in h.where:
             ws2[m] = h.tensor(g).float().reshape(-1)[0].item()
         for s in ("input_scale", "input_global_scale"):
-            if f"{m}.{s}" in h.where:
+            if f"{stem}{s}" in h.where:
                 em = re.match(r"(.*\.experts)\.(\d+)\.(\w+)$", m)
                 if em:
-                    in_scales[(em.group(1), em.group(3))].append(h.tensor(f"{m}.{s}").float().reshape(-1)[0].item())
+                    in_scales[(em.group(1), em.group(3))].append(h.tensor(f"{stem}{s}").float().reshape(-1)[0].item())
         em = re.match(r"(.*\.experts)\.(\d+)\.", m + ".")
         if em:
             res.experts_modules[em.group(1)] = max(res.experts_modules.get(em.group(1), 0), int(em.group(2)) + 1)
@@ -122,6 +126,7 @@ def inspect_checkpoint(path) -> InspectResult:
     for (blk, proj), vals in in_scales.items():
         if len(set(vals)) > 1 and proj not in ("up_proj", "w3"):
             res.warnings.append(f"{blk} {proj}: input scales differ across experts (engines take the max)")
+    modules = {stem.rstrip(".") for stem in stems}
     for k in h.where:
         mod = k.rsplit(".", 1)[0]
         if k.endswith(".weight") and mod not in modules and len(h.shape(k)) == 2:
@@ -132,9 +137,11 @@ def inspect_checkpoint(path) -> InspectResult:
     return res
 
 
-def _check_module(h: _Headers, m: str, recipe, ct: bool, P) -> None:
+def _check_module(h: _Headers, stem: str, recipe, ct: bool, P) -> None:
+    """One quantized module's tensors (stem + name). Experts under vLLM's fused names ('...w13_') carry no
+    int4 weight_shape: vLLM has no loader path for one."""
     def need(name, dtype=None, shape=None):
-        k = f"{m}.{name}"
+        k = f"{stem}{name}"
         if k not in h.where:
             P(f"{k} is missing")
             return None
@@ -145,7 +152,7 @@ def _check_module(h: _Headers, m: str, recipe, ct: bool, P) -> None:
         return h.shape(k)
 
     def positive(name):
-        k = f"{m}.{name}"
+        k = f"{stem}{name}"
         if k in h.where:
             t = h.tensor(k).float()
             if not bool(torch.isfinite(t).all()) or not bool((t > 0).all()):
@@ -165,11 +172,13 @@ def _check_module(h: _Headers, m: str, recipe, ct: bool, P) -> None:
         positive("weight_scale")
     else:
         ws = need("weight_packed", torch.int32)
-        shp = need("weight_shape", torch.int64, (2,))
-        if ws and shp:
-            n, k = h.tensor(f"{m}.weight_shape").tolist()
+        if stem.endswith("_"):
+            if ws:
+                need("weight_scale", None, (ws[0], ws[1] * 8 // recipe.group_size))
+        elif need("weight_shape", torch.int64, (2,)) and ws:
+            n, k = h.tensor(f"{stem}weight_shape").tolist()
             if ws != (n, k // 8):
-                P(f"{m}.weight_packed has shape {ws}, expected {(n, k // 8)} for weight_shape {[n, k]}")
+                P(f"{stem}weight_packed has shape {ws}, expected {(n, k // 8)} for weight_shape {[n, k]}")
             need("weight_scale", None, (n, k // recipe.group_size))
         positive("weight_scale")
     if recipe.input is not None:

@@ -217,6 +217,7 @@ def quantize(
     calib_all_experts: bool = False,
     cache_weights: bool | None = None,
     progress: bool = True,
+    layout: str | None = None,
 ) -> QuantReport:
     """Quantize `model` in place (fake-quant) and return a report.
 
@@ -229,6 +230,8 @@ def quantize(
     them from the module's current parameters at every call (False: no second copy). None
     (default) caches only when the copy takes at most a quarter of the free memory of the
     weights' device and the parameters are not sharded (FSDP2).
+    layout: the export layout to check before calibration (a combination vLLM cannot load is
+    refused here instead of at export).
     """
     recipe = get_recipe(recipe)
     model = unwrap(model)
@@ -238,6 +241,11 @@ def quantize(
     if not targets.experts and not targets.linears:
         raise ValueError(f"nothing to quantize in {type(model).__name__}: no fused experts and no nn.Linear outside the exclude patterns")
     _check_shapes(targets, recipe)
+    if layout is not None:
+        from .export.layouts import check_experts_supported, check_supported
+
+        check_supported(layout, recipe)
+        check_experts_supported(layout, recipe, targets.experts)
     offloaded = [t.name for t in [*targets.experts, *targets.linears]
                  if any(p.is_meta for p in t.module.parameters(recurse=False))]
     if offloaded:

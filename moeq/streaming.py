@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 
 from .export.export import (ExportReport, _check_shared_keys, _copy_source_files, _ignore_list, _write_config,
                             _write_experts, _write_linear, write_sidecar)
-from .export.layouts import check_supported
+from .export.layouts import check_experts_supported, check_supported
 from .export.load import CheckpointReader
 from .export.outdir import check_out_dir, clean_stale, disk_full_error, is_disk_full, publish
 from .export.plan import checkpoint_plan, fill_from_checkpoint
@@ -190,6 +190,7 @@ def quantize_streaming(model_path, recipe: "str | Recipe", calib_batches, out_di
     model = _meta_model(path, dtype)
     model.config._name_or_path = str(path)
     targets = find_targets(model, recipe)
+    check_experts_supported(layout, recipe, targets.experts)
     _check_shapes(targets, recipe)
     plan = checkpoint_plan(model)
     _check_shared_keys(plan, {f"{t.name}.{p}" for t in targets.experts for p in t.projs} | {f"{t.name}.weight" for t in targets.linears})

@@ -14,6 +14,7 @@ import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -23,7 +24,7 @@ from transformers.core_model_loading import revert_weight_conversion
 from ..calibration_stats import full
 from ..quantize import SESSION_ATTR, Session, unwrap
 from ..quantizer import quantize_weight
-from .layouts import check_supported, input_tensors, quant_configs, weight_tensors
+from .layouts import check_experts_supported, check_supported, input_tensors, quant_configs, weight_tensors
 from .plan import Piece, checkpoint_plan
 from .outdir import MARKER, AtomicDir
 from .writer import DEFAULT_SHARD_BYTES, ShardWriter
@@ -65,13 +66,15 @@ def _slice(q, expert: int | None, rows):
     return type(q)(*out)
 
 
-def _emit(w: ShardWriter, layout, recipe, prefix, q, amax, in_amax, k: int):
+def _emit(w: ShardWriter, layout, recipe, stem: str, q, amax, in_amax, k: int, shape: bool = True):
+    """Write one module's tensors as stem + name ('...experts.3.gate_proj.' + 'weight_scale')."""
     n = q[0].shape[0]
     for name, t in weight_tensors(layout, recipe, q, amax, (n, k)).items():
-        w.add(f"{prefix}.{name}", t)
+        if shape or name != "weight_shape":
+            w.add(f"{stem}{name}", t)
     if in_amax is not None:
         for name, t in input_tensors(layout, recipe, in_amax).items():
-            w.add(f"{prefix}.{name}", t)
+            w.add(f"{stem}{name}", t)
 
 
 # Experts are quantized in chunks of whole experts so transient fp32 copies stay bounded
@@ -80,25 +83,58 @@ def _emit(w: ShardWriter, layout, recipe, prefix, q, amax, in_amax, k: int):
 _CHUNK_BYTES = 32 << 20
 
 
-def expert_units(t, proj: str, pieces: list[Piece]) -> list[tuple[str, int, "torch.Tensor | slice"]]:
-    """(module prefix in the checkpoint, expert, rows of the [N, K] view) for each quantized
-    per-expert module of one fused projection. When the original checkpoint keeps the stack
-    fused (gpt-oss), it is split per expert here: gate/up de-interleaved or halved."""
+class ExpertUnit(NamedTuple):
+    """One quantized per-expert module in the checkpoint: its tensors are `stem + name`; `rows` of the
+    [N, K] view of expert `expert`; `vllm_fused`: written under vLLM's fused-experts parameter names."""
+
+    stem: str
+    expert: int
+    rows: "torch.Tensor | slice"
+    vllm_fused: bool = False
+
+
+def _w13_rows(t, n: int) -> "torch.Tensor | slice":
+    """Rows of the gate/up [N, K] view in vLLM's w13 order for swigluoai models: gate/up interleaved."""
+    if not t.has_gate:
+        return slice(None)
+    g, u = t.gate_up_rows(n)
+    idx = torch.arange(n)
+    order = torch.stack([idx[g], idx[u]], dim=1).reshape(-1)
+    return slice(None) if torch.equal(order, idx) else order
+
+
+def expert_units(t, proj: str, pieces: list[Piece]) -> list[ExpertUnit]:
+    """The per-expert checkpoint modules of one fused projection.
+
+    Checkpoints that split experts (`...experts.{e}.gate_proj.weight`, Mixtral `w1/w3/w2`) keep their own
+    names. When the original checkpoint keeps the stack fused, experts with biases (gpt-oss
+    `mlp.experts.gate_up_proj`) are written the way vLLM 0.33's loader for such models reads them (gpt_oss.py,
+    `GptOssRoutedExperts`: one expert at a time): `...experts.{e}.w13_weight_packed` / `w13_weight_scale`
+    [2I, ...] with gate/up rows interleaved, `...experts.{e}.w2_*` for down; the biases stay under their
+    fused original names (`gate_up_proj_bias`, `down_proj_bias`), which vLLM maps to w13_bias / w2_bias;
+    other fused stacks are split into per-expert `gate_proj` / `up_proj` / `down_proj` modules."""
     if any(piece.rows is None for piece in pieces):
         if len(pieces) != 1:
             raise NotImplementedError(f"{t.name}.{proj}: mixed fused and split checkpoint keys")
         prefix = pieces[0].key.rsplit(".", 1)[0]
-        n = t.nk(proj).shape[1]
-        if proj == t.projs[0] and t.has_gate:
-            g, u = t.gate_up_rows(n)
+        first = proj == t.projs[0]
+        if getattr(t.module, "has_bias", False):
+            # expert biases: vLLM 0.33's gpt-oss loader family (GptOss, OpenAIPrivacyFilter), the only one with them
+            rows = _w13_rows(t, t.nk(proj).shape[1]) if first else slice(None)
+            leaf = "w13_" if first else "w2_"
+            return [ExpertUnit(f"{prefix}.{e}.{leaf}", e, rows, True) for e in range(t.num_experts)]
+        # other fused checkpoints: per-expert gate_proj / up_proj / down_proj, which vLLM's generic expert
+        # mapping (FusedMoE.make_expert_params_mapping) reads for quantized experts
+        if first and t.has_gate:
+            g, u = t.gate_up_rows(t.nk(proj).shape[1])
             leaves = (("gate_proj", g), ("up_proj", u))
         else:
-            leaves = (("up_proj" if proj == t.projs[0] else "down_proj", slice(None)),)
-        return [(f"{prefix}.{e}.{leaf}", e, rows) for e in range(t.num_experts) for leaf, rows in leaves]
+            leaves = (("up_proj" if first else "down_proj", slice(None)),)
+        return [ExpertUnit(f"{prefix}.{e}.{leaf}.", e, rows) for e in range(t.num_experts) for leaf, rows in leaves]
     for piece in pieces:
         if not piece.key.endswith(".weight"):
             raise NotImplementedError(f"checkpoint key {piece.key} for {piece.param} does not end in .weight")
-    return [(piece.key[: -len(".weight")], piece.expert, piece.rows) for piece in pieces]
+    return [ExpertUnit(piece.key[: -len("weight")], piece.expert, piece.rows) for piece in pieces]
 
 
 def _write_experts(w, layout, recipe, st, proj: str, pieces: list[Piece]):
@@ -111,10 +147,12 @@ def _write_experts(w, layout, recipe, st, proj: str, pieces: list[Piece]):
     step = max(1, _CHUNK_BYTES // max(1, N * K * 4))
     for s in range(0, E, step):
         q = quantize_weight(recipe, w_nk[s:s + step], amax[s:s + step])
-        for prefix, e, rows in units:
-            if s <= e < s + step:
+        for u in units:
+            if s <= u.expert < s + step:
+                e = u.expert
                 ia = None if in_amax is None else (in_amax if in_amax.dim() == 0 else in_amax[e])
-                _emit(w, layout, recipe, prefix, _slice(q, e - s, rows), amax[e], ia, K)
+                # vLLM has no loader path for a weight_shape of fused experts (and never reads one)
+                _emit(w, layout, recipe, u.stem, _slice(q, e - s, u.rows), amax[e], ia, K, shape=not u.vllm_fused)
 
 
 def _write_linear(w, layout, recipe, st, pieces: list[Piece]):
@@ -124,7 +162,7 @@ def _write_linear(w, layout, recipe, st, pieces: list[Piece]):
     for piece in pieces:
         if not piece.key.endswith(".weight"):
             raise NotImplementedError(f"checkpoint key {piece.key} for {piece.param} does not end in .weight")
-        _emit(w, layout, recipe, piece.key[: -len(".weight")], _slice(q, None, piece.rows), st.w_amax, in_amax, weight.shape[1])
+        _emit(w, layout, recipe, piece.key[: -len("weight")], _slice(q, None, piece.rows), st.w_amax, in_amax, weight.shape[1])
 
 
 class _Discard:
@@ -258,6 +296,7 @@ def export(model: nn.Module, out_dir, layout: str = "modelopt", *, overwrite: bo
                          "exported again: copy the checkpoint directory, or quantize the original model")
     recipe = session.recipe
     check_supported(layout, recipe)
+    check_experts_supported(layout, recipe, session.targets.experts)
     t0 = time.perf_counter()
     sources = {f"{st.target.name}.{p}": (st, p) for st in session.experts for p in st.target.projs}
     sources.update({f"{n}.weight": (st, None) for n, st in session.linears.items()})

@@ -33,6 +33,29 @@ def check_supported(layout: str, recipe: Recipe) -> None:
         raise ValueError(f"recipe {recipe.name} cannot be written in the {layout} layout{hint}")
 
 
+class UnsupportedExport(ValueError):
+    """A (model, recipe, layout) combination that vLLM 0.33 has no loader path for."""
+
+
+# vLLM 0.33 creates expert biases (w13_bias / w2_bias) only in the compressed-tensors WNA16 MoE method
+# (compressed_tensors_moe_wna16.py: "Per-expert biases, as gpt-oss carries"); ModelOptFp8MoEMethod,
+# ModelOptNvFp4FusedMoE, CompressedTensorsW8A8Fp8MoEMethod and CompressedTensorsW4A4Nvfp4MoEMethod have none,
+# so a checkpoint with expert biases fails in their load (KeyError '...experts.w2_bias').
+BIASED_EXPERTS_OK = {("compressed-tensors", "int4", None)}
+
+
+def check_experts_supported(layout: str, recipe: Recipe, experts) -> None:
+    """Refuse, before any calibration, experts that vLLM 0.33 cannot load in `layout` with `recipe`.
+    experts: the ExpertsTarget list (find_targets). One-line error naming the combination and the way out."""
+    biased = [t for t in experts if getattr(t.module, "has_bias", False)]
+    if biased and (layout, recipe.weight, recipe.input) not in BIASED_EXPERTS_OK:
+        t = biased[0]
+        raise UnsupportedExport(
+            f"{type(t.module).__name__} ({t.name}) has expert biases, which vLLM 0.33 loads only with w4a16-int4 in the "
+            f"compressed-tensors layout; recipe {recipe.name} in the {layout} layout has no vLLM path: use recipe "
+            f"w4a16-int4 with layout compressed-tensors, or exclude the experts (Recipe.with_exclude)")
+
+
 def weight_tensors(layout: str, recipe: Recipe, q, amax: torch.Tensor, n_k: tuple[int, int]) -> dict[str, torch.Tensor]:
     """Tensors of one module's weight. q: the quantized [N, K] slice (NamedTuple of formats);
     amax: the weight's per-tensor amax (0-d)."""

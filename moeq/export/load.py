@@ -52,23 +52,24 @@ class CheckpointReader:
         return self._open[name].get_tensor(key)
 
 
-def _read_quantized(r: CheckpointReader, layout: str, recipe: Recipe, prefix: str, dtype):
-    """-> (dequantized [N, K] weight, static input parameter or None)."""
+def _read_quantized(r: CheckpointReader, layout: str, recipe: Recipe, stem: str, dtype, n_k: tuple[int, int]):
+    """-> (dequantized [N, K] weight, static input parameter or None). Tensors are `stem + name`;
+    n_k: the module's [N, K] (what an int4 `weight_shape` says, when the checkpoint has one)."""
     ct = layout == "compressed-tensors"
     if recipe.weight == "nvfp4":
-        codes = nvfp4.unpack(r[f"{prefix}.weight_packed" if ct else f"{prefix}.weight"])
-        gs = r[f"{prefix}.weight_global_scale"].reshape(()) if ct else 1.0 / r[f"{prefix}.weight_scale_2"].reshape(())
-        w = nvfp4.dequantize(codes, r[f"{prefix}.weight_scale"], gs, dtype)
+        codes = nvfp4.unpack(r[f"{stem}weight_packed" if ct else f"{stem}weight"])
+        gs = r[f"{stem}weight_global_scale"].reshape(()) if ct else 1.0 / r[f"{stem}weight_scale_2"].reshape(())
+        w = nvfp4.dequantize(codes, r[f"{stem}weight_scale"], gs, dtype)
     elif recipe.weight == "fp8":
-        w = fp8.dequantize(r[f"{prefix}.weight"], r[f"{prefix}.weight_scale"].reshape(()), dtype)
+        w = fp8.dequantize(r[f"{stem}weight"], r[f"{stem}weight_scale"].reshape(()), dtype)
     else:
-        n, k = r[f"{prefix}.weight_shape"].tolist()
-        codes = int4.unpack(r[f"{prefix}.weight_packed"])[:, :k]
-        w = int4.dequantize(codes, r[f"{prefix}.weight_scale"], dtype)
+        n, k = r[f"{stem}weight_shape"].tolist() if f"{stem}weight_shape" in r else n_k
+        codes = int4.unpack(r[f"{stem}weight_packed"])[:, :k]
+        w = int4.dequantize(codes, r[f"{stem}weight_scale"], dtype)
     if recipe.input == "nvfp4":
-        prm = r[f"{prefix}.input_global_scale"].reshape(()) if ct else 1.0 / r[f"{prefix}.input_scale"].reshape(())
+        prm = r[f"{stem}input_global_scale"].reshape(()) if ct else 1.0 / r[f"{stem}input_scale"].reshape(())
     elif recipe.input == "fp8":
-        prm = r[f"{prefix}.input_scale"].reshape(()).float()
+        prm = r[f"{stem}input_scale"].reshape(()).float()
     else:
         prm = None
     return w, prm
@@ -136,10 +137,11 @@ def load(path, *, dtype: torch.dtype | None = None, experts_implementation: str 
             w_nk = t.nk(proj, params[pname].data)
             prms = [None] * t.num_experts
             units = expert_units(t, proj, plan[pname])
-            for prefix, e, rows in units:
-                w, prm = _read_quantized(reader, layout, recipe, prefix, w_nk.dtype)
-                w_nk[e][rows] = w
-                prms[e] = prm
+            for u in units:
+                n = w_nk[u.expert][u.rows].shape[0]
+                w, prm = _read_quantized(reader, layout, recipe, u.stem, w_nk.dtype, (n, w_nk.shape[2]))
+                w_nk[u.expert][u.rows] = w
+                prms[u.expert] = prm
             st.weights_are_fake_quant = True  # the parameters now hold the dequantized weights
             prm = _collapse(prms)
             if prm is not None:
@@ -151,7 +153,9 @@ def load(path, *, dtype: torch.dtype | None = None, experts_implementation: str 
         pieces = plan[pname]
         prms = []
         for piece in pieces:
-            w, prm = _read_quantized(reader, layout, recipe, piece.key[: -len(".weight")], params[pname].dtype)
+            n = params[pname].shape[0] if piece.rows is None else len(piece.rows)
+            w, prm = _read_quantized(reader, layout, recipe, piece.key[: -len("weight")], params[pname].dtype,
+                                     (n, params[pname].shape[1]))
             if piece.rows is None:
                 params[pname].data.copy_(w)
             else:

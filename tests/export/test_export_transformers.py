@@ -18,10 +18,10 @@ pytest.importorskip("compressed_tensors")
 
 CT = "compressed-tensors"
 GPT_OSS_KEYS = (
-    "DELIBERATE: gpt_oss experts are exported per expert (experts.{e}.gate_proj/up_proj/down_proj, the layout "
-    "quantized MoE loaders read), while its original checkpoint keeps them fused as mlp.experts.gate_up_proj / "
-    "down_proj; transformers' from_pretrained then reports the fused keys missing. There is no quantized fused "
-    "naming convention either loader reads; moeq.load reads this export exactly"
+    "DELIBERATE: gpt_oss experts are exported under vLLM's per-expert names (experts.{e}.w13_weight_packed / w2_*, "
+    "what vLLM 0.33's gpt-oss loader reads), while its original checkpoint keeps them fused as "
+    "mlp.experts.gate_up_proj / down_proj; transformers' from_pretrained then reports the fused keys missing. "
+    "moeq.load reads this export exactly"
 )
 NVFP4_MOE = (
     "transformers bug: CompressedTensorsDequantize (transformers/integrations/compressed_tensors.py) builds a "

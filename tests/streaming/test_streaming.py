@@ -39,7 +39,7 @@ def _calib(model, n=2):
 @pytest.mark.parametrize("model_type,recipe,layout", [
     ("qwen3_5_moe", "nvfp4", "modelopt"),
     ("qwen3_5_moe", "nvfp4", "compressed-tensors"),
-    ("gpt_oss", "fp8", "modelopt"),
+    ("gpt_oss", "w4a16-int4", "compressed-tensors"),  # experts with biases: the one combination vLLM loads
     ("mixtral", "w4a16-int4", "compressed-tensors"),
 ])
 def test_streaming_equals_in_memory(tmp_path, model_type, recipe, layout):
@@ -116,3 +116,19 @@ def test_streaming_padded_batches_equal_in_memory(tmp_path, model_type):
     quantize_streaming(src, "nvfp4", [ids, calib[1]], tmp_path / "unmasked", progress=False)
     with pytest.raises(AssertionError):
         assert_same_checkpoint(tmp_path / "stream", tmp_path / "unmasked")
+
+
+def test_streaming_refuses_unloadable_experts_before_reading_data(tmp_path):
+    from moeq.export.layouts import UnsupportedExport
+    from moeq.streaming import quantize_streaming
+
+    src = tmp_path / "src"
+    tm.tiny_model("gpt_oss").save_pretrained(src)
+
+    def never():
+        raise AssertionError("calibration data was read before the refusal")
+        yield  # pragma: no cover
+
+    with pytest.raises(UnsupportedExport, match="fp8 in the modelopt layout"):
+        quantize_streaming(src, "fp8", never(), tmp_path / "out", "modelopt", progress=False)
+    assert not (tmp_path / "out").exists()
