@@ -144,7 +144,7 @@ def _preflight(path: Path, recipe, layout: str, user_excludes: list[str], stream
     layout vs recipe, K divisibility, --exclude patterns that match nothing."""
     from fnmatch import fnmatchcase
 
-    from .export.layouts import check_supported
+    from .export.layouts import UnsupportedExport, check_experts_supported, check_supported
     from .quantize import ShapeError, _check_shapes
     from .streaming import _meta_model
     from .targets import CoverageError, find_targets
@@ -175,12 +175,14 @@ def _preflight(path: Path, recipe, layout: str, user_excludes: list[str], stream
             log.warning("--exclude %r matches no module of %s (module names look like %s)", pat, path.name,
                         next((n for n in names if n.endswith("mlp") or "experts" in n), names[-1]))
     try:
-        _check_shapes(find_targets(model, recipe), recipe)
+        targets = find_targets(model, recipe)
+        check_experts_supported(layout, recipe, targets.experts)
+        _check_shapes(targets, recipe)
     except ShapeError as e:
         raise CliError(f"recipe {recipe.name} needs the input dim K of every quantized weight divisible by {recipe.block}; "
                        f"these are not: {', '.join(e.modules[:4])}{' ...' if len(e.modules) > 4 else ''}. "
                        f"Leave them unquantized with {_exclude_hint(e.modules)}, or choose another --recipe") from e
-    except CoverageError as e:
+    except (CoverageError, UnsupportedExport) as e:
         raise CliError(str(e)) from e
 
 

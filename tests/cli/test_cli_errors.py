@@ -194,3 +194,9 @@ def test_eval_refuses_another_architecture(tmp_path, model_dir, capsys):
     # a plain (unquantized) directory as --quantized
     rc, lines = _run(["eval", "--model", str(model_dir), "--quantized", str(model_dir), *SMALL], capsys)
     _one_line_error(rc, lines, "not a quantized checkpoint")
+
+
+def test_gpt_oss_combination_vllm_cannot_load_refused_before_loading(tmp_path, capsys, no_load):
+    d = make_model_dir(tmp_path / "gptoss", "gpt_oss")
+    rc, lines = _run(["quantize", "--model", str(d), "--recipe", "fp8", "--out", str(tmp_path / "o")], capsys)
+    _one_line_error(rc, lines, "fp8", "modelopt")
