@@ -13,9 +13,9 @@ import transformers
 from safetensors import safe_open
 from torch import nn
 
-from ..formats import fp8, int4, nvfp4
 from ..quantize import SESSION_ATTR, Session
 from ..recipes import Recipe
+from ..schemes.table import INPUT, WEIGHT
 from ..targets import find_targets
 from .export import SIDECAR, expert_units
 from .layouts import recipe_from_config
@@ -54,23 +54,8 @@ class CheckpointReader:
 
 def _read_quantized(r: CheckpointReader, layout: str, recipe: Recipe, prefix: str, dtype):
     """-> (dequantized [N, K] weight, static input parameter or None)."""
-    ct = layout == "compressed-tensors"
-    if recipe.weight == "nvfp4":
-        codes = nvfp4.unpack(r[f"{prefix}.weight_packed" if ct else f"{prefix}.weight"])
-        gs = r[f"{prefix}.weight_global_scale"].reshape(()) if ct else 1.0 / r[f"{prefix}.weight_scale_2"].reshape(())
-        w = nvfp4.dequantize(codes, r[f"{prefix}.weight_scale"], gs, dtype)
-    elif recipe.weight == "fp8":
-        w = fp8.dequantize(r[f"{prefix}.weight"], r[f"{prefix}.weight_scale"].reshape(()), dtype)
-    else:
-        n, k = r[f"{prefix}.weight_shape"].tolist()
-        codes = int4.unpack(r[f"{prefix}.weight_packed"])[:, :k]
-        w = int4.dequantize(codes, r[f"{prefix}.weight_scale"], dtype)
-    if recipe.input == "nvfp4":
-        prm = r[f"{prefix}.input_global_scale"].reshape(()) if ct else 1.0 / r[f"{prefix}.input_scale"].reshape(())
-    elif recipe.input == "fp8":
-        prm = r[f"{prefix}.input_scale"].reshape(()).float()
-    else:
-        prm = None
+    w = WEIGHT[recipe.weight].read(r, layout, prefix, dtype)
+    prm = None if recipe.input is None else INPUT[recipe.input].read(r, layout, prefix)
     return w, prm
 
 
