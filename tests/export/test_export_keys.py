@@ -12,9 +12,9 @@ import transformers
 
 import moeq
 
-from .helpers import LAYOUTS, PRESETS, QPARAMS, find_routers, logits, quantized_modules, read_checkpoint, tm
+from .helpers import LAYOUTS, PRESETS, QPARAMS, UNWRITABLE, find_routers, logits, quantized_modules, read_checkpoint, tm
 
-CASES = [(p, lay) for p in PRESETS for lay in LAYOUTS if (p, lay) != ("w4a16-int4", "modelopt")]
+CASES = [(p, lay) for p in PRESETS for lay in LAYOUTS if (p, lay) not in UNWRITABLE]
 GPT_OSS_KEYS = (
     "BUG: gpt_oss experts are written as per-expert mlp.experts.{e}.gate_proj/up_proj/down_proj modules, but the "
     "original checkpoint (save_pretrained) keeps them fused as mlp.experts.gate_up_proj / mlp.experts.down_proj"
