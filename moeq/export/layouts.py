@@ -49,9 +49,9 @@ def quant_configs(layout: str, recipe: Recipe, ignore: list[str], version: str) 
     if layout == "modelopt":
         algo = MODELOPT_ALGO[key]
         producer = {"name": "moeq", "version": version}
+        group_size = recipe.group_size if WEIGHT[recipe.weight].granularity == "tensor_group" else None
         nested = {"producer": producer, "quantization": {
-            "quant_algo": algo, "kv_cache_quant_algo": None, "group_size": recipe.group_size if WEIGHT[recipe.weight].granularity == "tensor_group" else None,
-            "exclude_modules": ignore}}
+            "quant_algo": algo, "kv_cache_quant_algo": None, "group_size": group_size, "exclude_modules": ignore}}
         flat = {"quant_method": "modelopt", "quant_algo": algo, "ignore": ignore, "exclude_modules": ignore,
                 "group_size": nested["quantization"]["group_size"], "kv_cache_scheme": None, "producer": producer}
         return flat, nested
