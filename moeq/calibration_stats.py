@@ -140,8 +140,9 @@ class ExpertsState:
                 # expert-parallel sentinel ids (>= E): batched_mm clamps them to E - 1, so rows it
                 # gathers per (token, k) carry this mask into the down projection's statistics
                 info["valid_rows"] = (idx < self.target.num_experts).reshape(-1)
-        elif self.recipe.input is not None and self.in_param[first].dim() == 0:
-            xq = fake_quant_input(self.recipe, hidden, self.in_param[first].to(hidden.device))
+        elif self.recipe.input is not None and (self.in_param.get(first) is None or self.in_param[first].dim() == 0):
+            prm = self.in_param.get(first)  # None: dynamic per-token scales (a row's copies quantize alike)
+            xq = fake_quant_input(self.recipe, hidden, None if prm is None else prm.to(hidden.device))
             if "hidden_states" in kwargs:
                 kwargs = {**kwargs, "hidden_states": xq}
             else:
@@ -272,7 +273,10 @@ class ExpertsState:
     def fake_quant_input(self, proj: str, xk: torch.Tensor, rows) -> torch.Tensor:
         if self.recipe.input is None:
             return xk
-        prm = self.in_param[proj].to(xk.device)
+        prm = self.in_param.get(proj)
+        if prm is None:  # dynamic input scheme: scales from the rows themselves
+            return fake_quant_input(self.recipe, xk, None)
+        prm = prm.to(xk.device)
         if prm.dim() > 0:
             kind, r = rows
             if kind == "one":
@@ -337,4 +341,4 @@ class LinearState:
     def fake_quant_input(self, x: torch.Tensor) -> torch.Tensor:
         if self.recipe.input is None:
             return x
-        return fake_quant_input(self.recipe, x, self.in_param.to(x.device))
+        return fake_quant_input(self.recipe, x, None if self.in_param is None else self.in_param.to(x.device))

@@ -14,11 +14,13 @@ from collections import defaultdict
 from dataclasses import asdict, dataclass, field
 from fnmatch import fnmatchcase
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 from safetensors import safe_open
 
 from .export.layouts import recipe_from_config
+from .schemes.table import INPUT, WEIGHT
 
 _SCALE_NAMES = ("weight_scale_2", "weight_global_scale", "input_scale", "input_global_scale")
 _QUANT_SUFFIXES = ("weight", "weight_packed", "weight_scale", "weight_shape", "weight_zero_point") + _SCALE_NAMES
@@ -158,33 +160,16 @@ def _check_module(h: _Headers, stem: str, recipe, ct: bool, P) -> None:
             if not bool(torch.isfinite(t).all()) or not bool((t > 0).all()):
                 P(f"{k} has non-finite or non-positive values")
 
-    scalar = (1,) if ct else ()
-    if recipe.weight == "nvfp4":
-        ws = need("weight_packed" if ct else "weight", torch.uint8)
-        if ws:
-            need("weight_scale", torch.float8_e4m3fn, (ws[0], ws[1] * 2 // 16))
-        need("weight_global_scale" if ct else "weight_scale_2", torch.float32, scalar)
-        for s in ("weight_scale", "weight_global_scale" if ct else "weight_scale_2"):
-            positive(s)
-    elif recipe.weight == "fp8":
-        need("weight", torch.float8_e4m3fn)
-        need("weight_scale", torch.float32, scalar)
-        positive("weight_scale")
-    else:
-        ws = need("weight_packed", torch.int32)
-        if stem.endswith("_"):
-            if ws:
-                need("weight_scale", None, (ws[0], ws[1] * 8 // recipe.group_size))
-        elif need("weight_shape", torch.int64, (2,)) and ws:
-            n, k = h.tensor(f"{stem}weight_shape").tolist()
-            if ws != (n, k // 8):
-                P(f"{stem}weight_packed has shape {ws}, expected {(n, k // 8)} for weight_shape {[n, k]}")
-            need("weight_scale", None, (n, k // recipe.group_size))
-        positive("weight_scale")
+    def absent(name):
+        if f"{stem}{name}" in h.where:
+            P(f"{stem}{name} is present, but recipe {recipe.name} writes none")
+
+    c = SimpleNamespace(need=need, positive=positive, absent=absent, tensor=lambda name: h.tensor(f"{stem}{name}"),
+                        problem=lambda msg: P(f"{stem}{msg}"), vllm_fused=stem.endswith("_"))
+    layout = "compressed-tensors" if ct else "modelopt"
+    WEIGHT[recipe.weight].check(c, layout, recipe.group_size)
     if recipe.input is not None:
-        name = "input_global_scale" if (ct and recipe.input == "nvfp4") else "input_scale"
-        need(name, torch.float32, scalar)
-        positive(name)
+        INPUT[recipe.input].check(c, layout, recipe.group_size)
 
 
 def as_json(res: InspectResult) -> str:

@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 
 from .calibration_stats import BatchContext, ExpertsState, LinearState, abs_amax, full
 from .interception import ExpertsIntercept, Hooks, LinearIntercept
+from .quantizer import input_is_static
 from .recipes import Recipe, get_recipe
 from .targets import Targets, find_targets
 
@@ -223,8 +224,8 @@ def quantize(
 
     calib_data: iterable of input_ids LongTensors [B, T] or dicts with input_ids /
     attention_mask (padding never reaches the statistics). Required when the recipe
-    quantizes inputs; optional for weight-only recipes (then only token coverage is missing
-    from the report).
+    quantizes inputs with static scales; optional for weight-only recipes and dynamic input
+    scales (fp8-dynamic; then only token coverage is missing from the report).
     cache_weights: keep the fake-quant weights between forwards (True: faster evaluation,
     one extra copy of the quantized weights, recomputed when a parameter changes) or compute
     them from the module's current parameters at every call (False: no second copy). None
@@ -251,7 +252,7 @@ def quantize(
     if offloaded:
         raise ValueError(f"{len(offloaded)} modules have offloaded (meta) weights, e.g. {offloaded[0]}; moeq needs the weights "
                          f"on a device. For models larger than memory use moeq.streaming.quantize_streaming / --streaming")
-    if calib_data is None and recipe.input is not None:
+    if calib_data is None and input_is_static(recipe):
         raise ValueError(f"recipe {recipe.name} quantizes activations and needs calib_data for their scales")
 
     session = Session(model, recipe, targets)
@@ -289,6 +290,8 @@ def quantize(
             why = " (their statistics come from calibrate-all-experts mode)"
         elif recipe.input is None:
             why = " (weight-only recipe: their weights are quantized from the weights alone)"
+        elif not input_is_static(recipe):
+            why = " (dynamic activation scales: nothing of theirs is calibrated)"
         else:
             why = "; their input scales fall back to the layer maximum. Use more data or calib_all_experts=True"
         msg = f"{n_never} experts saw no calibration tokens" + why

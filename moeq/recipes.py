@@ -15,6 +15,8 @@ import math
 from dataclasses import dataclass
 from fnmatch import fnmatchcase
 
+from .schemes.table import INPUT, WEIGHT
+
 # Routers (`*.gate`, `*.router`) must stay in full precision AND be named in the export's
 # exclude list, or vLLM tries to load them as quantized weights. Linear-attention a/b
 # projections and shared-expert gates have tiny output dims (heads / 1) and are not worth it.
@@ -29,15 +31,18 @@ DEFAULT_EXCLUDE = (
     "*in_proj_b",
 )
 
-FORMATS = ("nvfp4", "fp8", "int4")
+FORMATS = tuple(WEIGHT)  # weight formats; input formats: tuple(INPUT)
 
 
 @dataclass(frozen=True)
 class Recipe:
     """What each quantized weight and its input become.
 
-    weight: "nvfp4" | "fp8" | "int4"
-    input: "nvfp4" | "fp8" | None (None = weight-only, activations stay full precision)
+    weight: a key of moeq.schemes.table.WEIGHT: "nvfp4" | "fp8" (per tensor) | "fp8-channel"
+        (per output channel) | "int4"
+    input: a key of moeq.schemes.table.INPUT: "nvfp4" | "fp8" (static per tensor) |
+        "fp8-token" (dynamic per token, nothing to calibrate) | None (weight-only,
+        activations stay full precision)
     group_size: elements per weight scale along K (16 for nvfp4, 128 for int4; unused for
         fp8 weights). NVFP4 inputs always use blocks of 16.
     exclude: fnmatch patterns of module names left unquantized
@@ -55,8 +60,8 @@ class Recipe:
     def __post_init__(self):
         if self.weight not in FORMATS:
             raise ValueError(f"unknown weight format {self.weight!r}; choose one of {FORMATS}")
-        if self.input not in (None, "nvfp4", "fp8"):
-            raise ValueError(f"unknown input format {self.input!r}; choose 'nvfp4', 'fp8' or None")
+        if self.input is not None and self.input not in INPUT:
+            raise ValueError(f"unknown input format {self.input!r}; choose one of {tuple(INPUT)} or None")
         if self.weight == "nvfp4" and self.group_size != 16:
             raise ValueError("NVFP4 uses blocks of 16 elements; group_size must be 16")
 
@@ -72,12 +77,13 @@ class Recipe:
     def block(self) -> int:
         """Divisibility K must satisfy for this recipe's weights and inputs (NVFP4 inputs use
         blocks of 16 whatever the weights use)."""
-        weight = 1 if self.weight == "fp8" else self.group_size
-        return math.lcm(weight, 16) if self.input == "nvfp4" else weight
+        weight = WEIGHT[self.weight].block(self.group_size)
+        return weight if self.input is None else math.lcm(weight, INPUT[self.input].block)
 
 
 PRESETS = {
     "fp8": Recipe("fp8", weight="fp8", input="fp8", group_size=1),
+    "fp8-dynamic": Recipe("fp8-dynamic", weight="fp8-channel", input="fp8-token", group_size=1),
     "nvfp4": Recipe("nvfp4", weight="nvfp4", input="nvfp4"),
     "w4a16-nvfp4": Recipe("w4a16-nvfp4", weight="nvfp4"),
     "w4a16-int4": Recipe("w4a16-int4", weight="int4", group_size=128),

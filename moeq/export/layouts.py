@@ -1,27 +1,24 @@
 """The two checkpoint conventions: per-module tensor names and the quantization config.
 
-ModelOpt (vLLM `modelopt` / `modelopt_fp4`):
-    NVFP4: weight (uint8 [N, K/2]), weight_scale (e4m3 [N, K/16]), weight_scale_2 (fp32 []),
-           input_scale (fp32 [])
-    FP8:   weight (e4m3 [N, K]), weight_scale (fp32 []), input_scale (fp32 [])
-compressed-tensors:
-    NVFP4: weight_packed, weight_scale, weight_global_scale [1], input_global_scale [1]
-    FP8:   weight, weight_scale [1], input_scale [1]
-    INT4:  weight_packed (int32 [N, K/8]), weight_scale ([N, K/g], model dtype), weight_shape (int64 [2])
+What each format writes lives with the format (`moeq/schemes/`, e.g. NVFP4 in ModelOpt:
+weight uint8 [N, K/2], weight_scale e4m3 [N, K/16], weight_scale_2 fp32 [], input_scale
+fp32 []); this module dispatches through `moeq.schemes.table` and builds the configs.
 The config side of compressed-tensors comes from the compressed-tensors package itself.
 """
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
-from ..formats import fp8, int4, nvfp4
 from ..recipes import Recipe
+from ..schemes.table import CONFIGS, INPUT, WEIGHT
 
 LAYOUTS = ("modelopt", "compressed-tensors")
-MODELOPT_ALGO = {("nvfp4", "nvfp4"): "NVFP4", ("nvfp4", None): "W4A16_NVFP4", ("fp8", "fp8"): "FP8"}
-CT_PRESET = {("nvfp4", "nvfp4"): "NVFP4", ("nvfp4", None): "NVFP4A16", ("fp8", "fp8"): "FP8", ("int4", None): "W4A16"}
-CT_FORMAT = {"nvfp4": "nvfp4-pack-quantized", "fp8": "float-quantized", "int4": "pack-quantized"}
+MODELOPT_ALGO = {k: c.modelopt for k, c in CONFIGS.items() if c.modelopt}
+CT_PRESET = {k: c.compressed_tensors for k, c in CONFIGS.items()}
+CT_FORMAT = {name: s.ct_format for name, s in WEIGHT.items()}
 
 
 def check_supported(layout: str, recipe: Recipe) -> None:
@@ -29,7 +26,8 @@ def check_supported(layout: str, recipe: Recipe) -> None:
         raise ValueError(f"unknown layout {layout!r}; choose one of {LAYOUTS}")
     table = MODELOPT_ALGO if layout == "modelopt" else CT_PRESET
     if (recipe.weight, recipe.input) not in table:
-        hint = " (vLLM's modelopt loader has no INT4 scheme; use layout='compressed-tensors')" if recipe.weight == "int4" else ""
+        why = CONFIGS[(recipe.weight, recipe.input)].why_not_modelopt if (recipe.weight, recipe.input) in CONFIGS else ""
+        hint = f" ({why})" if why else ""
         raise ValueError(f"recipe {recipe.name} cannot be written in the {layout} layout{hint}")
 
 
@@ -59,29 +57,13 @@ def check_experts_supported(layout: str, recipe: Recipe, experts) -> None:
 def weight_tensors(layout: str, recipe: Recipe, q, amax: torch.Tensor, n_k: tuple[int, int]) -> dict[str, torch.Tensor]:
     """Tensors of one module's weight. q: the quantized [N, K] slice (NamedTuple of formats);
     amax: the weight's per-tensor amax (0-d)."""
-    ct = layout == "compressed-tensors"
-    if recipe.weight == "nvfp4":
-        out = {"weight_packed" if ct else "weight": nvfp4.pack(q.codes), "weight_scale": q.block_scale}
-        if ct:
-            out["weight_global_scale"] = nvfp4.global_scale(amax).reshape(1)
-        else:
-            out["weight_scale_2"] = nvfp4.scale_2(amax).reshape(())
-        return out
-    if recipe.weight == "fp8":
-        s = fp8.scale_from_amax(amax)
-        return {"weight": q.codes, "weight_scale": s.reshape(1) if ct else s.reshape(())}
-    return {"weight_packed": int4.pack(q.codes), "weight_scale": q.scale,
-            "weight_shape": torch.tensor(n_k, dtype=torch.int64)}
+    return WEIGHT[recipe.weight].tensors(layout, q, amax, n_k)
 
 
 def input_tensors(layout: str, recipe: Recipe, amax: torch.Tensor) -> dict[str, torch.Tensor]:
     if recipe.input is None:
         return {}
-    ct = layout == "compressed-tensors"
-    if recipe.input == "nvfp4":
-        return {"input_global_scale": nvfp4.global_scale(amax).reshape(1)} if ct else {"input_scale": nvfp4.scale_2(amax).reshape(())}
-    s = fp8.scale_from_amax(amax)
-    return {"input_scale": s.reshape(1) if ct else s.reshape(())}
+    return INPUT[recipe.input].tensors(layout, amax)
 
 
 def quant_configs(layout: str, recipe: Recipe, ignore: list[str], version: str) -> tuple[dict, dict | None]:
@@ -90,16 +72,16 @@ def quant_configs(layout: str, recipe: Recipe, ignore: list[str], version: str) 
     if layout == "modelopt":
         algo = MODELOPT_ALGO[key]
         producer = {"name": "moeq", "version": version}
+        group_size = recipe.group_size if WEIGHT[recipe.weight].granularity == "tensor_group" else None
         nested = {"producer": producer, "quantization": {
-            "quant_algo": algo, "kv_cache_quant_algo": None, "group_size": recipe.group_size if recipe.weight == "nvfp4" else None,
-            "exclude_modules": ignore}}
+            "quant_algo": algo, "kv_cache_quant_algo": None, "group_size": group_size, "exclude_modules": ignore}}
         flat = {"quant_method": "modelopt", "quant_algo": algo, "ignore": ignore, "exclude_modules": ignore,
                 "group_size": nested["quantization"]["group_size"], "kv_cache_scheme": None, "producer": producer}
         return flat, nested
     from compressed_tensors.quantization import QuantizationConfig, preset_name_to_scheme
 
     scheme = preset_name_to_scheme(CT_PRESET[key], ["Linear"])
-    if recipe.weight == "int4":
+    if WEIGHT[recipe.weight].granularity == "group":
         scheme.weights.group_size = recipe.group_size
     cfg = QuantizationConfig(config_groups={"group_0": scheme}, ignore=ignore, format=CT_FORMAT[recipe.weight],
                              quantization_status="compressed")
@@ -119,15 +101,34 @@ def recipe_from_config(qc: dict) -> tuple[str, Recipe]:
         if len(groups) != 1:
             raise ValueError("moeq.load reads compressed-tensors checkpoints with exactly one config group")
         w, a = groups[0].get("weights") or {}, groups[0].get("input_activations")
-        wfmt = "int4" if w.get("type") == "int" else ("fp8" if w.get("num_bits") == 8 else "nvfp4")
-        key = (wfmt, None if not a else ("fp8" if a.get("num_bits") == 8 else "nvfp4"))
+        key = next((k for k, preset in CT_PRESET.items() if _ct_signature(w, a) == _preset_signature(preset)), None)
         layout = "compressed-tensors"
-        if wfmt == "int4":
-            rec = Recipe("w4a16-int4", weight="int4", group_size=int(w.get("group_size") or 128))
-            return layout, rec
+        if key is not None and WEIGHT[key[0]].granularity == "group":
+            rec = next(r for r in PRESETS.values() if (r.weight, r.input) == key)
+            return layout, dataclasses.replace(rec, group_size=int(w.get("group_size") or 128))
     else:
         raise ValueError(f"unsupported quantization_config quant_method {qc.get('quant_method')!r}")
     for r in PRESETS.values():
         if (r.weight, r.input) == key:
             return layout, r
     raise ValueError(f"unsupported quantization scheme in {qc}")
+
+
+def _args_signature(args: dict | None):
+    """What tells the schemes apart in compressed-tensors QuantizationArgs (as a dict): the
+    strategy says the granularity (token = dynamic per token, tensor = static for FP8 inputs)."""
+    if not args:
+        return None
+    return str(args.get("type")), args.get("num_bits"), str(args.get("strategy"))
+
+
+def _ct_signature(w: dict, a: dict | None):
+    return _args_signature(w), _args_signature(a)
+
+
+def _preset_signature(preset: str):
+    from compressed_tensors.quantization import preset_name_to_scheme
+
+    s = preset_name_to_scheme(preset, ["Linear"])
+    dump = lambda x: None if x is None else x.model_dump(mode="json")  # noqa: E731
+    return _args_signature(dump(s.weights)), _args_signature(dump(s.input_activations))

@@ -13,9 +13,9 @@ import transformers
 from safetensors import safe_open
 from torch import nn
 
-from ..formats import fp8, int4, nvfp4
 from ..quantize import SESSION_ATTR, Session
 from ..recipes import Recipe
+from ..schemes.table import INPUT, WEIGHT
 from ..targets import find_targets
 from .export import SIDECAR, expert_units
 from .layouts import recipe_from_config
@@ -55,23 +55,8 @@ class CheckpointReader:
 def _read_quantized(r: CheckpointReader, layout: str, recipe: Recipe, stem: str, dtype, n_k: tuple[int, int]):
     """-> (dequantized [N, K] weight, static input parameter or None). Tensors are `stem + name`;
     n_k: the module's [N, K] (what an int4 `weight_shape` says, when the checkpoint has one)."""
-    ct = layout == "compressed-tensors"
-    if recipe.weight == "nvfp4":
-        codes = nvfp4.unpack(r[f"{stem}weight_packed" if ct else f"{stem}weight"])
-        gs = r[f"{stem}weight_global_scale"].reshape(()) if ct else 1.0 / r[f"{stem}weight_scale_2"].reshape(())
-        w = nvfp4.dequantize(codes, r[f"{stem}weight_scale"], gs, dtype)
-    elif recipe.weight == "fp8":
-        w = fp8.dequantize(r[f"{stem}weight"], r[f"{stem}weight_scale"].reshape(()), dtype)
-    else:
-        n, k = r[f"{stem}weight_shape"].tolist() if f"{stem}weight_shape" in r else n_k
-        codes = int4.unpack(r[f"{stem}weight_packed"])[:, :k]
-        w = int4.dequantize(codes, r[f"{stem}weight_scale"], dtype)
-    if recipe.input == "nvfp4":
-        prm = r[f"{stem}input_global_scale"].reshape(()) if ct else 1.0 / r[f"{stem}input_scale"].reshape(())
-    elif recipe.input == "fp8":
-        prm = r[f"{stem}input_scale"].reshape(()).float()
-    else:
-        prm = None
+    w = WEIGHT[recipe.weight].read(r, layout, stem, dtype, n_k)
+    prm = None if recipe.input is None else INPUT[recipe.input].read(r, layout, stem)
     return w, prm
 
 

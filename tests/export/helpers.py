@@ -25,8 +25,10 @@ import moeq
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # tests/
 import tiny_models as tm  # noqa: E402
 
-PRESETS = ("fp8", "nvfp4", "w4a16-nvfp4", "w4a16-int4")
+PRESETS = ("fp8", "nvfp4", "w4a16-nvfp4", "w4a16-int4", "fp8-dynamic")
 LAYOUTS = ("modelopt", "compressed-tensors")
+# (preset, layout) pairs moeq refuses to write: vLLM's modelopt loader has no scheme for them
+UNWRITABLE = (("w4a16-int4", "modelopt"), ("fp8-dynamic", "modelopt"))
 NVFP4_PRESETS = ("nvfp4", "w4a16-nvfp4")
 
 # Per-module tensors that carry quantization parameters rather than the module's weight.

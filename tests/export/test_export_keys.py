@@ -12,9 +12,10 @@ import transformers
 
 import moeq
 
-from .helpers import BIASED_EXPERTS, LAYOUTS, PRESETS, QPARAMS, find_routers, logits, quantized_modules, read_checkpoint, refused, stem, tm
+from .helpers import (BIASED_EXPERTS, LAYOUTS, PRESETS, QPARAMS, UNWRITABLE, find_routers, logits,
+                      quantized_modules, read_checkpoint, refused, stem, tm)
 
-CASES = [(p, lay) for p in PRESETS for lay in LAYOUTS if (p, lay) != ("w4a16-int4", "modelopt")]
+CASES = [(p, lay) for p in PRESETS for lay in LAYOUTS if (p, lay) not in UNWRITABLE]
 GPT_OSS_KEYS = (
     "DELIBERATE: gpt_oss experts are written under vLLM's per-expert names (mlp.experts.{e}.w13_weight_packed / "
     "w2_*, what vLLM 0.33's gpt-oss loader reads), while the original checkpoint keeps them fused as "

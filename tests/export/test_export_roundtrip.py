@@ -8,9 +8,9 @@ import torch
 
 import moeq
 
-from .helpers import LAYOUTS, PRESETS, logits, tm
+from .helpers import LAYOUTS, PRESETS, UNWRITABLE, logits, tm
 
-CASES = [(p, lay) for p in PRESETS for lay in LAYOUTS if (p, lay) != ("w4a16-int4", "modelopt")]
+CASES = [(p, lay) for p in PRESETS for lay in LAYOUTS if (p, lay) not in UNWRITABLE]
 
 
 @pytest.mark.parametrize("model_type", tm.CORE_MODELS)

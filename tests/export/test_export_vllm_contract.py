@@ -18,11 +18,11 @@ import torch
 
 import moeq
 
-from .helpers import (LAYOUTS, NVFP4_PRESETS, PRESETS, VLLM_FUSED, expert_leaf, quant_config, quantized_modules,
-                      read_checkpoint, stem, tm)
+from .helpers import (LAYOUTS, NVFP4_PRESETS, PRESETS, UNWRITABLE, VLLM_FUSED, expert_leaf, quant_config,
+                      quantized_modules, read_checkpoint, stem, tm)
 
 MODELOPT_ALGO = {"fp8": "FP8", "nvfp4": "NVFP4", "w4a16-nvfp4": "W4A16_NVFP4"}
-CASES = [(p, lay) for p in PRESETS for lay in LAYOUTS if (p, lay) != ("w4a16-int4", "modelopt")]
+CASES = [(p, lay) for p in PRESETS for lay in LAYOUTS if (p, lay) not in UNWRITABLE]
 E4M3, F32 = torch.float8_e4m3fn, torch.float32
 
 
@@ -78,6 +78,8 @@ def _expected(layout, preset, n, k, model_dtype, shape=True):
         return out
     if preset == "fp8":
         return {"weight": (E4M3, (n, k)), "weight_scale": (F32, scalar), "input_scale": (F32, scalar)}
+    if preset == "fp8-dynamic":  # per-channel weight scale, no input scale (dynamic per token)
+        return {"weight": (E4M3, (n, k)), "weight_scale": (F32, (n, 1))}
     out = {"weight_packed": (torch.int32, (n, k // 8)), "weight_scale": (model_dtype, (n, k // 128))}
     return {**out, "weight_shape": (torch.int64, (2,))} if shape else out
 
@@ -125,7 +127,8 @@ def test_ct_config_parses(zoo, model_type, preset):
     exp = zoo.exported(model_type, preset, "compressed-tensors")
     qc = quant_config(exp.path)
     assert qc["quant_method"] == "compressed-tensors" and qc["quantization_status"] == "compressed"
-    fmt = {"fp8": "float-quantized", "w4a16-int4": "pack-quantized"}.get(preset, "nvfp4-pack-quantized")
+    fmt = {"fp8": "float-quantized", "fp8-dynamic": "float-quantized", "w4a16-int4": "pack-quantized"}.get(
+        preset, "nvfp4-pack-quantized")
     assert qc["format"] == fmt
     parsed = QuantizationConfig.model_validate(qc)
     (group,) = parsed.config_groups.values()
@@ -135,6 +138,9 @@ def test_ct_config_parses(zoo, model_type, preset):
         assert (w.type, w.num_bits, w.strategy, w.group_size, w.symmetric) == ("int", 4, "group", 128, True)
     elif preset == "fp8":
         assert (w.type, w.num_bits, w.strategy) == ("float", 8, "tensor") and a.num_bits == 8 and not a.dynamic
+    elif preset == "fp8-dynamic":
+        assert (w.type, w.num_bits, w.strategy, w.dynamic) == ("float", 8, "channel", False)
+        assert (a.type, a.num_bits, a.strategy, a.dynamic) == ("float", 8, "token", True)
     else:
         assert (w.type, w.num_bits, w.strategy, w.group_size) == ("float", 4, "tensor_group", 16)
     assert (a is None) == preset.startswith("w4a16")
@@ -212,7 +218,7 @@ def test_expert_scales_shared_as_vllm_fuses_them(zoo, model_type, preset, layout
     for mod, experts in groups.items():
         assert sorted(experts) == list(range(n_experts)), mod
         for e, roles in experts.items():
-            if "gate" in roles:
+            if "gate" in roles and wg is not None:  # per-channel weight scales: nothing shared
                 assert torch.equal(sd[f"{roles['gate']}.{wg}"], sd[f"{roles['up']}.{wg}"]), f"{mod}.{e}"
         if ip is None:
             continue

@@ -58,3 +58,14 @@ def test_int4(dtype):
     assert same(int4.pack(a.codes), int4.pack(b.codes))
     assert same(int4.unpack(int4.pack(a.codes)), int4.unpack(int4.pack(b.codes)))
     assert same(int4.fake_quant(x), int4.fake_quant(x.cuda()))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_fp8_dynamic(dtype):
+    from moeq.schemes.fp8_dynamic import INPUT, WEIGHT
+
+    x = sample(dtype)
+    a, b = WEIGHT.quantize(x, None, 1), WEIGHT.quantize(x.cuda(), None, 1)
+    assert same(a.codes, b.codes) and same(a.scale, b.scale)
+    assert same(WEIGHT.fake_quant(x, None, 1), WEIGHT.fake_quant(x.cuda(), None, 1))
+    assert same(INPUT.fake_quant(x, None), INPUT.fake_quant(x.cuda(), None))

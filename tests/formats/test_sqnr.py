@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from moeq.formats import fp8, int4, nvfp4
+from moeq.schemes import fp8_dynamic
 
 SHAPE = (128, 1024)
 SEED = 0
@@ -36,6 +37,9 @@ FORMATS = {
     "fp8 per-tensor": lambda x: fp8.fake_quant(x, x.abs().amax()),
     "fp8 per-channel": lambda x: fp8.fake_quant(x, x.abs().amax(-1)),
     "int4 g128": lambda x: int4.fake_quant(x, 128),
+    # fp8-dynamic's schemes, through the scheme objects (rows = output channels / tokens)
+    "fp8-dynamic weight": lambda x: fp8_dynamic.WEIGHT.fake_quant(x, None, 1),
+    "fp8-dynamic input": lambda x: fp8_dynamic.INPUT.fake_quant(x, None),
 }
 
 # dB: min(float32, bfloat16) measured, minus 1, rounded down; measured values in docs/formats.md
@@ -48,6 +52,10 @@ FLOORS = {
     ("fp8 per-channel", "student_t3"): 31.1,
     ("int4 g128", "gaussian"): 18.0,
     ("int4 g128", "student_t3"): 12.3,
+    ("fp8-dynamic weight", "gaussian"): 30.5,
+    ("fp8-dynamic weight", "student_t3"): 31.1,
+    ("fp8-dynamic input", "gaussian"): 30.5,
+    ("fp8-dynamic input", "student_t3"): 31.1,
 }
 
 

@@ -1,0 +1,73 @@
+"""The shape of a scheme: what a weight format and an input format must provide.
+
+Layouts are "modelopt" and "compressed-tensors" (`moeq.export.layouts`). Readers and
+checkers get small accessors rather than file handles, so a scheme never opens a file:
+
+    read(r, layout, stem, dtype, n_k)  r[stem + name] -> tensor (moeq.export.load.CheckpointReader)
+    check(c, layout, group_size)     c.need(name, dtype, shape) / c.positive(name) /
+                                     c.absent(name) / c.tensor(name) / c.problem(msg)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+CT = "compressed-tensors"
+
+
+@dataclass(frozen=True)
+class WeightScheme:
+    """A weight format of [..., N, K] matrices (a stacked expert tensor [E, N, K] is one call).
+
+    granularity (compressed-tensors' strategy names), scale shape of one [N, K] weight:
+        "tensor"        ()            one scale per tensor (per expert in a stack: amax [E])
+        "channel"       [N, 1]        one scale per output row, from the weight itself
+        "group"         [N, K/g]      one scale per g elements along K (recipe.group_size)
+        "tensor_group"  [N, K/16] + () block scales under a per-tensor global scale
+    quantize(w, amax, group_size) -> NamedTuple of on-disk pieces (stacked like w)
+    fake_quant(w, amax, group_size) -> dequantize(quantize(w)) in w's dtype, bit-exactly
+    tensors(layout, q, amax, (n, k)) -> {suffix: tensor} of one [N, K] module (q sliced to it)
+    """
+
+    name: str
+    granularity: str
+    block: Callable[[int], int]  # group_size -> the divisibility K must satisfy
+    quantize: Callable
+    fake_quant: Callable[..., torch.Tensor]
+    tensors: Callable[..., dict]
+    read: Callable[..., torch.Tensor]
+    check: Callable[..., None]
+    ct_format: str  # compressed-tensors' compression format name
+
+
+@dataclass(frozen=True)
+class InputScheme:
+    """An input (activation) format, x [..., K] with K last.
+
+    granularity: "tensor" = one static scale per layer/projection, fixed by calibration
+    (static=True, `param(amax)` gives it); "token" = dynamic, a scale per row computed at
+    run time from the row's own amax (static=False, nothing to calibrate, nothing written).
+    fake_quant(x, param) -> x's dtype; param is None for dynamic schemes.
+    tensors(layout, amax) -> {suffix: tensor}; read(r, layout, stem) -> param or None.
+    """
+
+    name: str
+    granularity: str
+    static: bool
+    block: int  # K divisibility the inputs need
+    param: Callable | None
+    fake_quant: Callable[..., torch.Tensor]
+    tensors: Callable[..., dict]
+    read: Callable
+    check: Callable[..., None]
+
+
+def no_tensors(layout: str, amax) -> dict:
+    return {}
+
+
+def read_nothing(r, layout: str, stem: str):
+    return None
