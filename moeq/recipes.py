@@ -15,7 +15,6 @@ import math
 from dataclasses import dataclass
 from fnmatch import fnmatchcase
 
-from .schemes.table import INPUT, WEIGHT
 
 # Routers (`*.gate`, `*.router`) must stay in full precision AND be named in the export's
 # exclude list, or vLLM tries to load them as quantized weights. Linear-attention a/b
@@ -31,7 +30,10 @@ DEFAULT_EXCLUDE = (
     "*in_proj_b",
 )
 
-FORMATS = tuple(WEIGHT)  # weight formats; input formats: tuple(INPUT)
+# The keys of moeq.schemes.table.WEIGHT / INPUT (tests/schemes/test_table.py pins them equal):
+# named here so that importing the recipes (the CLI's --help) does not import torch.
+FORMATS = ("nvfp4", "fp8", "fp8-channel", "int4")
+INPUT_FORMATS = ("nvfp4", "fp8", "fp8-token")
 
 
 @dataclass(frozen=True)
@@ -60,8 +62,8 @@ class Recipe:
     def __post_init__(self):
         if self.weight not in FORMATS:
             raise ValueError(f"unknown weight format {self.weight!r}; choose one of {FORMATS}")
-        if self.input is not None and self.input not in INPUT:
-            raise ValueError(f"unknown input format {self.input!r}; choose one of {tuple(INPUT)} or None")
+        if self.input is not None and self.input not in INPUT_FORMATS:
+            raise ValueError(f"unknown input format {self.input!r}; choose one of {INPUT_FORMATS} or None")
         if self.weight == "nvfp4" and self.group_size != 16:
             raise ValueError("NVFP4 uses blocks of 16 elements; group_size must be 16")
 
@@ -77,6 +79,8 @@ class Recipe:
     def block(self) -> int:
         """Divisibility K must satisfy for this recipe's weights and inputs (NVFP4 inputs use
         blocks of 16 whatever the weights use)."""
+        from .schemes.table import INPUT, WEIGHT
+
         weight = WEIGHT[self.weight].block(self.group_size)
         return weight if self.input is None else math.lcm(weight, INPUT[self.input].block)
 

@@ -20,7 +20,7 @@ from moeq.schemes.table import CONFIGS
 from .helpers import logits, quantized_modules, read_checkpoint, tm
 
 
-@pytest.mark.parametrize("model_type", ["qwen3_moe", "gpt_oss"])
+@pytest.mark.parametrize("model_type", ["qwen3_moe", "mixtral"])  # (gpt-oss: refused, its expert biases)
 def test_quantize_without_calibration_data_round_trips(model_type, tmp_path):
     model = tm.tiny_model(model_type)
     ids = tm.random_input_ids(model, batch=1, seq=8, seed=1)

@@ -52,13 +52,20 @@ def test_written_tensors_read_back_to_the_fake_quant(name, layout):
     for e in range(2):
         qe = type(q)(*(f[e] for f in q))
         reader = _Reader({f"m.{k}": v for k, v in s.tensors(layout, qe, amax[e], (32, 256)).items()})
-        assert torch.equal(s.read(reader, layout, "m", torch.float32), fq[e]), e
+        assert torch.equal(s.read(reader, layout, "m.", torch.float32), fq[e]), e
     if r.input is not None:
         inp = INPUT[r.input]
         x = torch.randn(5, 256, generator=g)
         x_amax = x.abs().amax()
         reader = _Reader({f"m.{k}": v for k, v in inp.tensors(layout, x_amax).items()})
-        prm = inp.read(reader, layout, "m")
+        prm = inp.read(reader, layout, "m.")
         want = inp.fake_quant(x, inp.param(x_amax) if inp.static else None)
         assert torch.equal(inp.fake_quant(x, prm), want)
         assert (prm is None) == (not inp.static) == (not reader)
+
+
+def test_recipe_format_names_are_the_table_keys():
+    """moeq.recipes names the formats without importing the table (torch): the names must agree."""
+    from moeq import recipes
+
+    assert recipes.FORMATS == tuple(WEIGHT) and recipes.INPUT_FORMATS == tuple(INPUT)
