@@ -32,10 +32,11 @@ ENV_CHECK = "MOEQ_VLLM_CHECK"  #: the check script, if not at ../shared/tools/vl
 REPO = Path(__file__).resolve().parents[2]
 DEFAULT_CHECK = REPO.parent / "shared" / "tools" / "vllm-load-check" / "vllm_load_check.py"
 
-PRESETS = ("fp8", "nvfp4", "w4a16-nvfp4", "w4a16-int4")
+PRESETS = ("fp8", "nvfp4", "w4a16-nvfp4", "w4a16-int4", "fp8-dynamic")
 LAYOUTS = ("modelopt", "compressed-tensors")
 #: every preset x layout moeq writes (vLLM's modelopt loader has no INT4 scheme: refused for every model)
-COMBOS = [(p, lay) for p in PRESETS for lay in LAYOUTS if (p, lay) != ("w4a16-int4", "modelopt")]
+COMBOS = [(p, lay) for p in PRESETS for lay in LAYOUTS
+          if (p, lay) not in (("w4a16-int4", "modelopt"), ("fp8-dynamic", "modelopt"))]
 
 #: Expert parameters vLLM 0.33 registers but never reads, and that its gpt-oss loader has no path to fill from
 #: any checkpoint name: CompressedTensorsWNA16MoEMethod.create_weights registers `w13_weight_shape` /
