@@ -41,7 +41,7 @@ def _calib(model, n=2):
     ("qwen3_5_moe", "nvfp4", "compressed-tensors"),
     ("gpt_oss", "w4a16-int4", "compressed-tensors"),  # experts with biases: the one combination vLLM loads
     ("mixtral", "w4a16-int4", "compressed-tensors"),
-    ("gpt_oss", "fp8-dynamic", "compressed-tensors"),
+    ("qwen3_moe", "fp8-dynamic", "compressed-tensors"),
 ])
 def test_streaming_equals_in_memory(tmp_path, model_type, recipe, layout):
     src = tmp_path / "src"
