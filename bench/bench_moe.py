@@ -31,7 +31,7 @@ import transformers
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import moeq  # noqa: E402
-from moeq.quantize import Session  # noqa: E402
+from moeq.quantization import Session  # noqa: E402
 from moeq.targets import find_targets  # noqa: E402
 
 

@@ -6,23 +6,23 @@
     model2 = moeq.load("out")                              # same logits, fake-quant
 
 The public names are imported on first use (PEP 562), so `moeq --help` and argument
-errors answer without loading torch and transformers (~6 s).
+errors answer without loading torch and transformers (~6 s). No submodule is named like
+a public function (`moeq.quantization`, `moeq.checkpoint`), so importing one never
+shadows `moeq.quantize` / `moeq.export`.
 """
 
 import importlib
-import sys
-import types
 
 __version__ = "0.1.0"
 
 _LAZY = {
     "evaluate": (".evaluate", None),
     "DEMO_MODEL": (".data", "DEMO_MODEL"),
-    "ExportReport": (".export", "ExportReport"),
-    "export": (".export", "export"),
-    "load": (".export", "load"),
-    "QuantReport": (".quantize", "QuantReport"),
-    "quantize": (".quantize", "quantize"),
+    "ExportReport": (".checkpoint", "ExportReport"),
+    "export": (".checkpoint", "export"),
+    "load": (".checkpoint", "load"),
+    "QuantReport": (".quantization", "QuantReport"),
+    "quantize": (".quantization", "quantize"),
     "PRESETS": (".recipes", "PRESETS"),
     "Recipe": (".recipes", "Recipe"),
     "get_recipe": (".recipes", "get_recipe"),
@@ -44,17 +44,3 @@ def __getattr__(name: str):
 def __dir__():
     return __all__
 
-
-class _Module(types.ModuleType):
-    """Importing the submodule `moeq.quantize` (or the subpackage `moeq.export`) makes the
-    import system set that name on `moeq` to the module; the public names are the functions,
-    so such assignments are ignored (submodules stay reachable through sys.modules, which is
-    what imports use)."""
-
-    def __setattr__(self, name, value):
-        if isinstance(value, types.ModuleType) and _LAZY.get(name, (None, None))[1] is not None:
-            return
-        super().__setattr__(name, value)
-
-
-sys.modules[__name__].__class__ = _Module

@@ -47,16 +47,6 @@ def _windows(tokenizer, source, seq_len, n, model_config):
         raise CliError(str(e)) from e
 
 
-def _mem_available() -> int | None:
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        return None
-    return None
-
-
 def _init_distributed() -> tuple[int, int]:
     """(rank, world size); joins the torchrun process group when launched by torchrun."""
     import os
@@ -139,7 +129,11 @@ def cmd_quantize(a) -> int:
     from .coverage import write_coverage
 
     rank, world = _init_distributed()
-    avail = _mem_available()
+    import torch
+
+    from .quantization import free_bytes
+
+    avail = free_bytes(torch.device("cpu"))
     if not a.streaming and avail and _weights_bytes(path) > 0.8 * avail and not a.device_map:
         log.warning("the checkpoint (%.1f GiB) would not fit in available memory (%.1f GiB): using --streaming",
                     _weights_bytes(path) / 2**30, avail / 2**30)
@@ -295,12 +289,12 @@ def _positive_int(text: str) -> int:
 def _user_error(e: BaseException) -> str | None:
     """The one-line message for an error the user can fix (bad input, full disk), else None
     (a bug: the traceback is shown)."""
-    from .errors import USER_ERRORS
+    from .errors import user_errors
 
     if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
         where = f" writing {e.filename}" if e.filename else ""
         return f"no space left on the device{where}; free space or choose another --out (nothing was left half-written)"
-    if isinstance(e, USER_ERRORS):
+    if isinstance(e, user_errors()):
         return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
     return None
 
@@ -310,7 +304,7 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     if args.cmd is None:
         args = build_parser().parse_args(["quantize"] + list(argv if argv is not None else sys.argv[1:]))
-    from .export.layouts import UnsupportedExport
+    from .checkpoint.layouts import UnsupportedExport
 
     try:
         return args.func(args)

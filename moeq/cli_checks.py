@@ -123,7 +123,7 @@ def load_model(spec: str, device: str = "auto", dtype: str = "auto", device_map:
 def _check_out_dir(out: Path, source: Path, overwrite: bool) -> None:
     """Refuse, before any work, an output that would destroy data: a file, the source model,
     a folder inside it or holding it, or (without --overwrite) a non-empty directory."""
-    from .export.outdir import check_out_dir
+    from .checkpoint.outdir import check_out_dir
 
     try:
         check_out_dir(out, source, overwrite)
@@ -144,8 +144,8 @@ def _preflight(path: Path, recipe, layout: str, user_excludes: list[str], stream
     layout vs recipe, K divisibility, --exclude patterns that match nothing."""
     from fnmatch import fnmatchcase
 
-    from .export.layouts import UnsupportedExport, check_experts_supported, check_supported
-    from .quantize import ShapeError, _check_shapes
+    from .checkpoint.layouts import UnsupportedExport, check_experts_supported, check_supported
+    from .quantization import ShapeError, _check_shapes
     from .streaming import _meta_model
     from .targets import CoverageError, find_targets
 

@@ -4,8 +4,9 @@ shows a traceback only for anything else (a bug) or with --debug."""
 from __future__ import annotations
 
 
-def _user_errors() -> tuple[type[BaseException], ...]:
-    from .export.outdir import ExportError
+def user_errors() -> tuple[type[BaseException], ...]:
+    """Resolved on call: targets / interception import torch, which --help must not load."""
+    from .checkpoint.outdir import ExportError
     from .interception import UnsupportedExpertsOp
     from .resume_state import PartialRunBusy
     from .targets import CoverageError
@@ -14,8 +15,3 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     return (ValueError, FileExistsError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError,
             CoverageError, UnsupportedExpertsOp, NotImplementedError, ExportError, PartialRunBusy)
 
-
-def __getattr__(name: str):
-    if name == "USER_ERRORS":  # resolved lazily: targets/interception import torch
-        return _user_errors()
-    raise AttributeError(name)

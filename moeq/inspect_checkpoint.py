@@ -19,7 +19,7 @@ from types import SimpleNamespace
 import torch
 from safetensors import safe_open
 
-from .export.layouts import recipe_from_config
+from .checkpoint.layouts import recipe_from_config
 from .schemes.table import INPUT, WEIGHT
 
 _SCALE_NAMES = ("weight_scale_2", "weight_global_scale", "input_scale", "input_global_scale")

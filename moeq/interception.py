@@ -150,9 +150,7 @@ class _Intercept(TorchFunctionMode):
             self._tag(out, Origin(origin.proj, idx, origin.kn))
             return out
         out = func(self._weight(src, origin), *args[1:], **kwargs)
-        if func is _T.__getitem__:
-            new = Origin(origin.proj, self._index(func, args[1], origin), origin.kn)
-        elif func in _VIEW_KEEP:
+        if func in _VIEW_KEEP:
             new = origin
         else:
             if func in _TRANSPOSE and len(args) + len(kwargs) > 1:

@@ -31,14 +31,14 @@ from accelerate.utils import set_module_tensor_to_device
 from torch import nn
 from tqdm.auto import tqdm
 
-from .export.export import (ExportReport, _check_shared_keys, _copy_source_files, _ignore_list, _write_config,
+from .checkpoint.export import (ExportReport, _check_shared_keys, _copy_source_files, _ignore_list, _write_config,
                             _write_experts, _write_linear, write_sidecar)
-from .export.layouts import check_experts_supported, check_supported
-from .export.load import CheckpointReader
-from .export.outdir import check_out_dir, clean_stale, disk_full_error, is_disk_full, publish
-from .export.plan import checkpoint_plan, fill_from_checkpoint
-from .export.writer import DEFAULT_SHARD_BYTES, ShardWriter
-from .quantize import QuantReport, Session, _check_coverage, _check_finite, _check_shapes
+from .checkpoint.layouts import check_experts_supported, check_supported
+from .checkpoint.load import CheckpointReader
+from .checkpoint.outdir import check_out_dir, clean_stale, disk_full_error, is_disk_full, publish
+from .checkpoint.plan import checkpoint_plan, fill_from_checkpoint
+from .checkpoint.writer import DEFAULT_SHARD_BYTES, ShardWriter
+from .quantization import QuantReport, Session, _check_coverage, _check_finite, _check_shapes
 from .recipes import Recipe, get_recipe
 from .resume_state import PartialRun, fingerprint
 from .targets import Targets, find_targets

@@ -1,9 +1,9 @@
 """The shape of a scheme: what a weight format and an input format must provide.
 
-Layouts are "modelopt" and "compressed-tensors" (`moeq.export.layouts`). Readers and
+Layouts are "modelopt" and "compressed-tensors" (`moeq.checkpoint.layouts`). Readers and
 checkers get small accessors rather than file handles, so a scheme never opens a file:
 
-    read(r, layout, stem, dtype, n_k)  r[stem + name] -> tensor (moeq.export.load.CheckpointReader)
+    read(r, layout, stem, dtype, n_k)  r[stem + name] -> tensor (moeq.checkpoint.load.CheckpointReader)
     check(c, layout, group_size)     c.need(name, dtype, shape) / c.positive(name) /
                                      c.absent(name) / c.tensor(name) / c.problem(msg)
 """

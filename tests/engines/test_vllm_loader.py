@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import moeq
-from moeq.export.layouts import UnsupportedExport
+from moeq.checkpoint.layouts import UnsupportedExport
 
 from . import vllm_check as vc
 from .vllm_check import tm

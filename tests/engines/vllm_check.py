@@ -7,7 +7,7 @@ elements nothing wrote. It needs a vLLM environment (~9 GB, built by the tool's 
 
 Verdicts: ``pass`` (the tool's VERDICT PASS); ``pass (placeholders)``: the tool's only problems are the
 :data:`UNREADABLE_PLACEHOLDERS` (see there); ``fail: ...`` otherwise; ``refused: ...`` when moeq refuses the
-combination before calibration (:class:`moeq.export.layouts.UnsupportedExport`).
+combination before calibration (:class:`moeq.checkpoint.layouts.UnsupportedExport`).
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 import moeq
-from moeq.export.layouts import UnsupportedExport
+from moeq.checkpoint.layouts import UnsupportedExport
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # tests/
 import tiny_models as tm  # noqa: E402

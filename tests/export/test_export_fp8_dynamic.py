@@ -11,9 +11,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import moeq
-from moeq.export.layouts import LAYOUTS, check_supported, quant_configs, recipe_from_config
+from moeq.checkpoint.layouts import LAYOUTS, check_supported, quant_configs, recipe_from_config
 from moeq.inspect_checkpoint import inspect_checkpoint
-from moeq.quantize import SESSION_ATTR
+from moeq.quantization import SESSION_ATTR
 from moeq.recipes import PRESETS
 from moeq.schemes.table import CONFIGS
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import moeq
-from moeq.export.layouts import UnsupportedExport
+from moeq.checkpoint.layouts import UnsupportedExport
 
 from .helpers import BIASED_EXPERTS, LAYOUTS, PRESETS, UNWRITABLE, refused, tm
 

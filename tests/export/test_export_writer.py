@@ -13,7 +13,7 @@ import moeq
 
 from .helpers import logits, read_checkpoint, tm
 
-writer = importlib.import_module("moeq.export.writer")  # (moeq.export is also the name of the function)
+writer = importlib.import_module("moeq.checkpoint.writer")
 
 MODEL, PRESET = "qwen3_moe", "nvfp4"
 

@@ -12,11 +12,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from moeq.export.outdir import ExportError
+from moeq.checkpoint.outdir import ExportError
 
 from .inject import assert_same_files
 
-writer = importlib.import_module("moeq.export.writer")
+writer = importlib.import_module("moeq.checkpoint.writer")
 
 
 def _enospc_on(monkeypatch, obj, attr, nth, error=None):

@@ -11,9 +11,9 @@ import pytest
 
 from .inject import KILLED, RAISED, assert_same_files, at, dst_is, run_in_child, snapshot
 
-writer = importlib.import_module("moeq.export.writer")
-export_mod = importlib.import_module("moeq.export.export")
-outdir = importlib.import_module("moeq.export.outdir")
+writer = importlib.import_module("moeq.checkpoint.writer")
+export_mod = importlib.import_module("moeq.checkpoint.export")
+outdir = importlib.import_module("moeq.checkpoint.outdir")
 
 # phase -> patch factory (out, action)
 PHASES = {

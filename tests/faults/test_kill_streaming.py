@@ -13,11 +13,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from moeq.quantize import Session
+from moeq.quantization import Session
 
 from .inject import KILLED, RAISED, assert_same_files, at, dst_is, run_in_child
 
-writer = importlib.import_module("moeq.export.writer")
+writer = importlib.import_module("moeq.checkpoint.writer")
 streaming = importlib.import_module("moeq.streaming")
 rs = importlib.import_module("moeq.resume_state")
 

@@ -12,7 +12,7 @@ import subprocess
 import pytest
 import transformers
 
-from moeq.export.outdir import check_out_dir
+from moeq.checkpoint.outdir import check_out_dir
 
 from .conftest import runs
 from .inject import snapshot

@@ -34,7 +34,7 @@ from .conftest import runs
 from .inject import KILLED, assert_same_files, at, run_in_child, snapshot
 from .test_resume_state import damage, interrupted, refused_then_overwrite, state_file
 
-writer = importlib.import_module("moeq.export.writer")
+writer = importlib.import_module("moeq.checkpoint.writer")
 
 
 def test_killed_between_activations_and_progress(setup, tmp_path):

@@ -141,7 +141,7 @@ def test_weight_only_final_logits_unchanged_by_all_experts(forbidden):
 def test_expert_parallel_sentinels_do_not_count(pristine):
     """Under expert parallelism transformers routes tokens of remote experts to sentinel id E;
     batched_mm clamps them to E - 1 for its gather. They must not reach expert E - 1's stats."""
-    from moeq.quantize import Session
+    from moeq.quantization import Session
     from moeq.targets import find_targets
 
     m = fresh(pristine("qwen3_moe"))

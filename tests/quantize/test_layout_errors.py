@@ -18,7 +18,7 @@ import moeq
 from moeq.interception import UnsupportedExpertsOp
 from moeq.targets import CoverageError
 
-from .helpers import assert_clean, fresh, hooked_modules, logits, mode_stack_len, tm
+from .helpers import assert_clean, fresh, hooked_modules, tm
 
 
 def _einsum_forward(self, hidden_states, top_k_index, top_k_weights):

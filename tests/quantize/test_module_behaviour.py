@@ -164,9 +164,9 @@ def test_cache_decided_by_free_memory(pristine, calib, monkeypatch, free, cached
     """Default: the fake-quant weights are cached only when a copy fits easily."""
     import importlib
 
-    q = importlib.import_module("moeq.quantize")  # (moeq.quantize is also the name of the function)
+    q = importlib.import_module("moeq.quantization")
 
-    monkeypatch.setattr(q, "_free_bytes", lambda device: free)
+    monkeypatch.setattr(q, "free_bytes", lambda device: free)
     m = fresh(pristine("qwen3_moe"))
     moeq.quantize(m, "nvfp4", calib, progress=False)
     assert all((st.cache is not None) == cached for st in m.moeq_session.experts)

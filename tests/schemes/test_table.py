@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from moeq.export.layouts import LAYOUTS
+from moeq.checkpoint.layouts import LAYOUTS
 from moeq.recipes import PRESETS
 from moeq.schemes.spec import InputScheme, WeightScheme
 from moeq.schemes.table import CONFIGS, INPUT, WEIGHT

@@ -13,7 +13,7 @@ import torch
 import transformers
 
 import moeq
-from moeq.export.load import CheckpointReader
+from moeq.checkpoint.load import CheckpointReader
 from moeq.streaming import quantize_streaming
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -120,7 +120,7 @@ def test_streaming_padded_batches_equal_in_memory(tmp_path, model_type):
 
 
 def test_streaming_refuses_unloadable_experts_before_reading_data(tmp_path):
-    from moeq.export.layouts import UnsupportedExport
+    from moeq.checkpoint.layouts import UnsupportedExport
     from moeq.streaming import quantize_streaming
 
     src = tmp_path / "src"

@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 
 import moeq
-from moeq.export.layouts import UnsupportedExport
+from moeq.checkpoint.layouts import UnsupportedExport
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # tests/
 import tiny_models as tm  # noqa: E402

@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 from transformers.core_model_loading import revert_weight_conversion
 
 from ..calibration_stats import full
-from ..quantize import SESSION_ATTR, Session, unwrap
+from ..quantization import SESSION_ATTR, Session, unwrap
 from ..quantizer import quantize_weight
 from .layouts import check_experts_supported, check_supported, input_tensors, quant_configs, weight_tensors
 from .plan import Piece, checkpoint_plan

@@ -243,7 +243,7 @@ def quantize(
         raise ValueError(f"nothing to quantize in {type(model).__name__}: no fused experts and no nn.Linear outside the exclude patterns")
     _check_shapes(targets, recipe)
     if layout is not None:
-        from .export.layouts import check_experts_supported, check_supported
+        from .checkpoint.layouts import check_experts_supported, check_supported
 
         check_supported(layout, recipe)
         check_experts_supported(layout, recipe, targets.experts)
@@ -302,7 +302,7 @@ def quantize(
     return report
 
 
-def _free_bytes(device: torch.device) -> int | None:
+def free_bytes(device: torch.device) -> int | None:
     if device.type == "cuda":
         return torch.cuda.mem_get_info(device)[0]
     try:
@@ -323,7 +323,7 @@ def _decide_cache(targets: Targets, requested: bool | None) -> bool:
     if not params or any(hasattr(p, "full_tensor") for p in params):
         return False  # sharded parameters: a full copy on every rank would undo the sharding
     need = sum(p.numel() * p.element_size() for p in params)
-    free = _free_bytes(params[0].device)
+    free = free_bytes(params[0].device)
     cache = free is not None and need <= free // 4
     log.info("fake-quant weights %s (%.2f GiB; %s GiB free)", "cached" if cache else "computed per call",
              need / 2**30, "?" if free is None else f"{free / 2**30:.1f}")

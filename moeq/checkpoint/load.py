@@ -13,7 +13,7 @@ import transformers
 from safetensors import safe_open
 from torch import nn
 
-from ..quantize import SESSION_ATTR, Session
+from ..quantization import SESSION_ATTR, Session
 from ..recipes import Recipe
 from ..schemes.table import INPUT, WEIGHT
 from ..targets import find_targets
