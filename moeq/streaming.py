@@ -14,7 +14,7 @@ Resumable: the export is assembled in `.<out>.moeq-partial/` next to the destina
 with a checksummed manifest and the activations after the last finished layer
 (`resume_state`); running the same command again continues from there, a damaged state is
 recomputed, and different options are refused. The directory is renamed to `out` at the
-end (`export.outdir.publish`, the same rules as the in-memory export).
+end (`checkpoint.outdir.publish`, the same rules as the in-memory export).
 """
 
 from __future__ import annotations
