@@ -16,14 +16,19 @@ from dataclasses import dataclass
 from fnmatch import fnmatchcase
 
 
-# Routers (`*.gate`, `*.router`) must stay in full precision AND be named in the export's
-# exclude list, or vLLM tries to load them as quantized weights. Linear-attention a/b
+# Routers (`*.gate`, `*.router`, and the Linears inside a router module: Gemma 4's
+# `router.proj`) must stay in full precision AND be named in the export's exclude list, or
+# vLLM tries to load them as quantized weights. `score` is the classification head of
+# *ForTokenClassification / *ForSequenceClassification models (lm_head's counterpart;
+# vLLM builds it unquantized). Linear-attention a/b
 # projections and shared-expert gates have tiny output dims (heads / 1) and are not worth it.
 DEFAULT_EXCLUDE = (
     "lm_head",
+    "score",
     "*embed_tokens*",
     "*.gate",
     "*.router",
+    "*.router.*",
     "*shared_expert_gate",
     "*conv1d*",
     "*in_proj_a",
