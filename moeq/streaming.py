@@ -331,7 +331,7 @@ def quantize_streaming(model_path, recipe: "str | Recipe", calib_batches, out_di
                 for key in dict.fromkeys(piece.key for piece in plan[n]):
                     w.add(key, reader[key])
         w.close(keep_tmp_names=True)  # the shards the manifest names stay valid until finish()
-        ignore = _ignore_list(targets.excluded, plan)
+        ignore = _ignore_list(targets, plan)
         _write_config(model, partial, layout, recipe, ignore, trust_remote_code)
         _copy_source_files(model, partial, trust_remote_code)
         write_sidecar(partial, recipe, layout, targets.excluded, report.tokens_per_expert)

@@ -196,14 +196,21 @@ def _check_shared_keys(plan: dict[str, list[Piece]], quantized) -> None:
                 f"exclude all of {sorted(n.rsplit('.', 1)[0] for n in names)} (Recipe.with_exclude) to export this model")
 
 
-def _ignore_list(excluded: list[str], plan: dict[str, list[Piece]]) -> list[str]:
-    """Checkpoint module names of the excluded modules (what the exclude/ignore list holds)."""
+def _ignore_list(targets, plan: dict[str, list[Piece]]) -> list[str]:
+    """Checkpoint module names of the excluded modules (what the exclude/ignore list holds).
+
+    A name that would cover a quantized module is left out: an excluded router's parameter can
+    live under its parent's prefix in the checkpoint (exaone_moe saves `mlp.gate`'s
+    `e_score_correction_bias` as `mlp.e_score_correction_bias`), and vLLM's ModelOpt exclude
+    matching is by prefix, so `model.layers.1.mlp` would load the experts below it unquantized."""
+    quantized = [f"{t.name}.{p}" for t in targets.experts for p in t.projs] + [f"{t.name}.weight" for t in targets.linears]
+    q_modules = {p.key.rsplit(".", 1)[0] for n in quantized for p in plan.get(n, ())}
     names = set()
-    for m in excluded:
+    for m in targets.excluded:
         for pname, pieces in plan.items():
             if pname.startswith(m + ".") and "." not in pname[len(m) + 1:]:
                 names.update(p.key.rsplit(".", 1)[0] for p in pieces)
-    return sorted(names)
+    return sorted(n for n in names if not any(k == n or k.startswith(n + ".") for k in q_modules))
 
 
 def write_sidecar(out: Path, recipe, layout: str, excluded: list[str], tokens_per_expert: dict) -> None:
@@ -302,7 +309,7 @@ def export(model: nn.Module, out_dir, layout: str = "modelopt", *, overwrite: bo
     sources.update({f"{n}.weight": (st, None) for n, st in session.linears.items()})
     plan = checkpoint_plan(model)
     _check_shared_keys(plan, sources)
-    ignore = _ignore_list(session.targets.excluded, plan)
+    ignore = _ignore_list(session.targets, plan)
     sd = model.state_dict(keep_vars=True)
     plain = revert_weight_conversion(model, {n: full(sd[n].detach()) for n in plan if n not in sources})
     rank = _sharded_rank(model)

@@ -13,6 +13,7 @@ import os
 import re
 import sys
 from dataclasses import dataclass
+from fnmatch import fnmatch
 from pathlib import Path
 
 import pytest
@@ -109,6 +110,29 @@ def rel_err(a: torch.Tensor, ref: torch.Tensor) -> float:
 
 def quant_config(path) -> dict:
     return json.loads((Path(path) / "config.json").read_text())["quantization_config"]
+
+
+def vllm_modelopt_excluded(prefix: str, exclude: list[str]) -> bool:
+    """vLLM ModelOptQuantConfigBase.is_layer_excluded, without the fused-module expansion."""
+    if prefix in exclude:
+        return True
+    if any(ex != prefix and ex in prefix for ex in exclude):
+        return True
+    return any(fnmatch(prefix, ex) for ex in exclude)
+
+
+def ct_ignored(prefix: str, ignore: list[str]) -> bool:
+    from compressed_tensors.utils.match import match_name
+
+    return any(match_name(prefix, ig) for ig in ignore)
+
+
+def ignored_but_quantized(path, layout: str) -> list[str]:
+    """Quantized modules of an export that its own ignore list covers, matched the way vLLM
+    matches that layout (vLLM would build them unquantized and fail on their tensors)."""
+    ignore = quant_config(path)["ignore"]
+    match = vllm_modelopt_excluded if layout == "modelopt" else ct_ignored
+    return sorted(m for m in quantized_modules(read_checkpoint(path)) if match(m, ignore))
 
 
 @dataclass

@@ -11,34 +11,18 @@ from __future__ import annotations
 import json
 import re
 from collections import defaultdict
-from fnmatch import fnmatch
 
 import pytest
 import torch
 
 import moeq
 
-from .helpers import (LAYOUTS, NVFP4_PRESETS, PRESETS, UNWRITABLE, VLLM_FUSED, expert_leaf, quant_config,
-                      quantized_modules, read_checkpoint, stem, tm)
+from .helpers import (LAYOUTS, NVFP4_PRESETS, PRESETS, UNWRITABLE, VLLM_FUSED, ct_ignored, expert_leaf, quant_config,
+                      quantized_modules, read_checkpoint, stem, tm, vllm_modelopt_excluded)
 
 MODELOPT_ALGO = {"fp8": "FP8", "nvfp4": "NVFP4", "w4a16-nvfp4": "W4A16_NVFP4"}
 CASES = [(p, lay) for p in PRESETS for lay in LAYOUTS if (p, lay) not in UNWRITABLE]
 E4M3, F32 = torch.float8_e4m3fn, torch.float32
-
-
-def vllm_modelopt_excluded(prefix: str, exclude: list[str]) -> bool:
-    """vLLM ModelOptQuantConfigBase.is_layer_excluded, without the fused-module expansion."""
-    if prefix in exclude:
-        return True
-    if any(ex != prefix and ex in prefix for ex in exclude):
-        return True
-    return any(fnmatch(prefix, ex) for ex in exclude)
-
-
-def ct_ignored(prefix: str, ignore: list[str]) -> bool:
-    from compressed_tensors.utils.match import match_name
-
-    return any(match_name(prefix, ig) for ig in ignore)
 
 
 def _excluded(layout, prefix, qc):

@@ -33,6 +33,7 @@ from moeq.checkpoint.layouts import UnsupportedExport
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # tests/
 import tiny_models as tm  # noqa: E402
+from export.helpers import ignored_but_quantized  # noqa: E402
 
 PRESETS = ("nvfp4", "w4a16-int4")
 LAYOUTS = ("modelopt", "compressed-tensors")
@@ -235,6 +236,10 @@ def check_layout(qmodel, ref: torch.Tensor, preset: str, layout: str, out_dir: P
         return CaseResult(preset, layout, f"n/a: {_one_line(str(err), out_dir)}")
     except Exception as err:  # noqa: BLE001
         return _fail(preset, layout, _StageError("export", err), out_dir)
+    covered = ignored_but_quantized(out_dir, layout)
+    if covered:
+        return CaseResult(preset, layout, f"fail: export: the exclude list covers quantized modules {covered[:3]} "
+                          f"(vLLM would build them unquantized)")
     try:
         loaded = _stage("load", moeq.load, out_dir)
         out = _stage("reloaded forward", output, loaded)
