@@ -154,3 +154,19 @@ def test_errors_name_the_problem():
         mx.fake_quant(torch.ones(2, 32), "e3m2")
     with pytest.raises(ValueError, match="NaN or Inf"):
         mx.quantize(torch.full((1, 32), float("inf")))
+
+
+def test_gpt_oss_blocks_decode_like_transformers():
+    """A second, independent reader: transformers' gpt-oss MXFP4 dequantizer (integrations/mxfp4.py,
+    lut[nibble] ldexp (scale - 127), low nibble first) turns moeq's `_blocks` / `_scales` of a stack
+    [E, N, K] back into its [E, K, N] parameter, equal to the fake quant."""
+    from transformers.integrations.mxfp4 import convert_moe_packed_tensors
+
+    from moeq.schemes.mxfp4 import native_read, native_tensors
+
+    w = random_weight("wide", (2 * 64, 96), 3).reshape(2, 64, 96)
+    t = native_tensors(mx.quantize(w, "e2m1"))
+    assert t["_blocks"].shape == (2, 64, 3, 16) and t["_scales"].shape == (2, 64, 3)
+    got = convert_moe_packed_tensors(t["_blocks"], t["_scales"], dtype=torch.float32)
+    assert torch.equal(got.transpose(1, 2), mx.fake_quant(w, "e2m1"))
+    assert torch.equal(native_read(t["_blocks"], t["_scales"], torch.float32), mx.fake_quant(w, "e2m1"))
