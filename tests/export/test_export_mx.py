@@ -178,3 +178,21 @@ def test_native_layout_refusals(zoo):
     with pytest.raises(UnsupportedExport, match=r"reads only for gpt-oss.*Qwen3MoeExperts.*compressed-tensors"):
         recipe = PRESETS["w4a16-mxfp4"].with_exclude(add=ATTENTION)
         moeq.quantize(copy.deepcopy(zoo.base("qwen3_moe")), recipe, progress=False, layout=NATIVE)
+
+
+def test_inspect_flags_a_broken_native_export(cache, tmp_path):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    _, _, out = cache.get("gpt_oss", "w4a16-mxfp4")
+    bad = tmp_path / "bad"
+    shutil.copytree(out, bad)
+    sd = load_file(bad / "model.safetensors")
+    p = "model.layers.1.mlp.experts."
+    del sd[p + "down_proj_scales"]
+    sd[p + "gate_up_proj_scales"] = sd[p + "gate_up_proj_scales"][..., :-1].contiguous()
+    save_file(sd, bad / "model.safetensors", metadata={"format": "pt"})
+    problems = inspect_checkpoint(bad).problems
+    assert any(f"{p}down_proj_scales is missing" in x for x in problems), problems
+    assert any(f"{p}gate_up_proj_scales has dtype" in x for x in problems), problems
