@@ -25,7 +25,8 @@ from ..calibration_stats import full
 from ..quantization import SESSION_ATTR, Session, unwrap
 from ..quantizer import quantize_weight
 from ..schemes import mxfp4
-from .layouts import NATIVE, UnsupportedExport, check_experts_supported, check_supported, input_tensors, quant_configs, weight_tensors
+from .layouts import (NATIVE, UnsupportedExport, check_experts_supported, check_supported, input_tensors, quant_configs,
+                      weight_tensors)
 from .plan import Piece, checkpoint_plan
 from .outdir import MARKER, AtomicDir
 from .writer import DEFAULT_SHARD_BYTES, ShardWriter

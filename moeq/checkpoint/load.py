@@ -15,10 +15,10 @@ from torch import nn
 
 from ..quantization import SESSION_ATTR, Session
 from ..recipes import Recipe
+from ..schemes.mxfp4 import native_read
 from ..schemes.table import INPUT, WEIGHT
 from ..targets import find_targets
 from .export import SIDECAR, expert_units
-from ..schemes.mxfp4 import native_read
 from .layouts import NATIVE, recipe_from_config
 from .plan import checkpoint_plan, fill_from_checkpoint
 
