@@ -244,7 +244,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--model", default="demo", help="checkpoint directory, or 'demo' (default)")
     q.add_argument("--recipe", default="nvfp4", choices=list(PRESETS))
     q.add_argument("--calib", default="demo", help="text FILE, DIR of text files, or 'demo'")
-    q.add_argument("--layout", default="modelopt", choices=["modelopt", "compressed-tensors"])
+    q.add_argument("--layout", default="modelopt", choices=["modelopt", "compressed-tensors", "mxfp4-native"])
     q.add_argument("--out", help="output directory (default ./moeq-<model>-<recipe>)")
     q.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
     q.add_argument("--calib-all-experts", action="store_true", help="every expert's statistics see every token")

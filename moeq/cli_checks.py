@@ -176,7 +176,7 @@ def _preflight(path: Path, recipe, layout: str, user_excludes: list[str], stream
                         next((n for n in names if n.endswith("mlp") or "experts" in n), names[-1]))
     try:
         targets = find_targets(model, recipe)
-        check_experts_supported(layout, recipe, targets.experts)
+        check_experts_supported(layout, recipe, targets.experts, targets.linears)
         _check_shapes(targets, recipe)
     except ShapeError as e:
         raise CliError(f"recipe {recipe.name} needs the input dim K of every quantized weight divisible by {recipe.block}; "

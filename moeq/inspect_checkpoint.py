@@ -19,7 +19,7 @@ from types import SimpleNamespace
 import torch
 from safetensors import safe_open
 
-from .checkpoint.layouts import recipe_from_config
+from .checkpoint.layouts import NATIVE, recipe_from_config
 from .schemes.table import INPUT, WEIGHT
 
 _SCALE_NAMES = ("weight_scale_2", "weight_global_scale", "input_scale", "input_global_scale")
@@ -96,7 +96,10 @@ def inspect_checkpoint(path) -> InspectResult:
         raise ValueError(f"{path} holds no quantization_config: it is not a quantized checkpoint")
     layout, recipe = recipe_from_config(qc)
     ignore = list(qc.get("ignore") or qc.get("exclude_modules") or qc.get("quantization", {}).get("exclude_modules") or [])
+    ignore += list(qc.get("modules_to_not_convert") or [])  # gpt-oss's own MXFP4 format
     h = _Headers(path)
+    if layout == NATIVE:
+        return _inspect_native(path, h, recipe, ignore)
     ct = layout == "compressed-tensors"
     stems = sorted({m[1] for k in h.where if (m := _STEM.match(k))})
     res = InspectResult(str(path), layout, recipe.name, len(stems), {}, defaultdict(lambda: defaultdict(int)), ignore)
@@ -135,6 +138,30 @@ def inspect_checkpoint(path) -> InspectResult:
             leaf = mod.rsplit(".", 1)[-1]
             if leaf in ("gate", "router", "lm_head") and not _ignored(mod, ignore):
                 P(f"{mod} is not quantized but missing from the exclude list; vLLM would try to load it as quantized")
+    res.per_layer = {k: dict(v) for k, v in res.per_layer.items()}
+    return res
+
+
+def _inspect_native(path: Path, h: _Headers, recipe, ignore: list[str]) -> InspectResult:
+    """gpt-oss's own MXFP4 format: each fused stack `<p>_blocks` uint8 [E, N, K/32, 16] with `<p>_scales`
+    uint8 [E, N, K/32]; E8M0 byte 255 is NaN."""
+    stacks = sorted(k[: -len("_blocks")] for k in h.where if k.endswith("_blocks"))
+    res = InspectResult(str(path), NATIVE, recipe.name, len(stacks), {}, defaultdict(lambda: defaultdict(int)), ignore)
+    for p in stacks:
+        b, s = h.shape(f"{p}_blocks"), h.shape(f"{p}_scales") if f"{p}_scales" in h.where else None
+        if h.dtype(f"{p}_blocks") != torch.uint8 or len(b) != 4 or b[-1] != 16:
+            res.problems.append(f"{p}_blocks has dtype {h.dtype(f'{p}_blocks')} shape {b}, expected uint8 [E, N, K/32, 16]")
+        if s is None:
+            res.problems.append(f"{p}_scales is missing")
+        elif h.dtype(f"{p}_scales") != torch.uint8 or s != b[:-1]:
+            res.problems.append(f"{p}_scales has dtype {h.dtype(f'{p}_scales')} shape {s}, expected uint8 {b[:-1]}")
+        elif bool((h.tensor(f"{p}_scales") == 255).any()):
+            res.problems.append(f"{p}_scales holds E8M0 byte 255 (NaN)")
+        res.experts_modules[p.rsplit(".", 1)[0]] = b[0]
+        layer = re.search(r"layers\.(\d+)\.", p)
+        res.per_layer[layer.group(1) if layer else "-"]["expert"] += 1
+    if not stacks:
+        res.problems.append("no <param>_blocks tensors: nothing quantized in this mxfp4 checkpoint")
     res.per_layer = {k: dict(v) for k, v in res.per_layer.items()}
     return res
 

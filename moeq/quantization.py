@@ -246,7 +246,7 @@ def quantize(
         from .checkpoint.layouts import check_experts_supported, check_supported
 
         check_supported(layout, recipe)
-        check_experts_supported(layout, recipe, targets.experts)
+        check_experts_supported(layout, recipe, targets.experts, targets.linears)
     offloaded = [t.name for t in [*targets.experts, *targets.linears]
                  if any(p.is_meta for p in t.module.parameters(recurse=False))]
     if offloaded:

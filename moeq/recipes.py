@@ -39,6 +39,8 @@ DEFAULT_EXCLUDE = (
 # named here so that importing the recipes (the CLI's --help) does not import torch.
 FORMATS = ("nvfp4", "fp8", "fp8-channel", "int4")
 INPUT_FORMATS = ("nvfp4", "fp8", "fp8-token")
+FORMATS += ("mxfp4", "mxfp8")  # OCP MX (moeq/schemes/mxfp4.py, mxfp8.py)
+INPUT_FORMATS += ("mxfp4", "mxfp8")
 
 
 @dataclass(frozen=True)
@@ -71,6 +73,8 @@ class Recipe:
             raise ValueError(f"unknown input format {self.input!r}; choose one of {INPUT_FORMATS} or None")
         if self.weight == "nvfp4" and self.group_size != 16:
             raise ValueError("NVFP4 uses blocks of 16 elements; group_size must be 16")
+        if self.weight in ("mxfp4", "mxfp8") and self.group_size != 32:
+            raise ValueError(f"{self.weight.upper()} uses blocks of 32 elements (OCP MX); group_size must be 32")
 
     def excludes(self, name: str) -> bool:
         return any(fnmatchcase(name, p) for p in self.exclude)
@@ -96,6 +100,10 @@ PRESETS = {
     "nvfp4": Recipe("nvfp4", weight="nvfp4", input="nvfp4"),
     "w4a16-nvfp4": Recipe("w4a16-nvfp4", weight="nvfp4"),
     "w4a16-int4": Recipe("w4a16-int4", weight="int4", group_size=128),
+    # OCP MX: E8M0 scale per 32 along K; inputs quantized per group of 32 at run time (nothing calibrated)
+    "mxfp4": Recipe("mxfp4", weight="mxfp4", input="mxfp4", group_size=32),
+    "w4a16-mxfp4": Recipe("w4a16-mxfp4", weight="mxfp4", group_size=32),
+    "mxfp8": Recipe("mxfp8", weight="mxfp8", input="mxfp8", group_size=32),
 }
 
 

@@ -190,7 +190,7 @@ def quantize_streaming(model_path, recipe: "str | Recipe", calib_batches, out_di
     model = _meta_model(path, dtype)
     model.config._name_or_path = str(path)
     targets = find_targets(model, recipe)
-    check_experts_supported(layout, recipe, targets.experts)
+    check_experts_supported(layout, recipe, targets.experts, targets.linears)
     _check_shapes(targets, recipe)
     plan = checkpoint_plan(model)
     _check_shared_keys(plan, {f"{t.name}.{p}" for t in targets.experts for p in t.projs} | {f"{t.name}.weight" for t in targets.linears})

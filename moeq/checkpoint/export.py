@@ -24,7 +24,9 @@ from transformers.core_model_loading import revert_weight_conversion
 from ..calibration_stats import full
 from ..quantization import SESSION_ATTR, Session, unwrap
 from ..quantizer import quantize_weight
-from .layouts import check_experts_supported, check_supported, input_tensors, quant_configs, weight_tensors
+from ..schemes import mxfp4
+from .layouts import (NATIVE, UnsupportedExport, check_experts_supported, check_supported, input_tensors, quant_configs,
+                      weight_tensors)
 from .plan import Piece, checkpoint_plan
 from .outdir import MARKER, AtomicDir
 from .writer import DEFAULT_SHARD_BYTES, ShardWriter
@@ -137,7 +139,24 @@ def expert_units(t, proj: str, pieces: list[Piece]) -> list[ExpertUnit]:
     return [ExpertUnit(piece.key[: -len("weight")], piece.expert, piece.rows) for piece in pieces]
 
 
+def _write_native(w, recipe, st, proj: str, pieces: list[Piece]):
+    """gpt-oss's own format: the whole stack under the fused key + '_blocks' / '_scales' (rows as in memory)."""
+    t = st.target
+    if len(pieces) != 1 or pieces[0].rows is not None:
+        raise UnsupportedExport(f"{t.name}.{proj} is stored per expert in the original checkpoint; the {NATIVE} layout "
+                                f"writes fused expert stacks only (gpt-oss): use layout='compressed-tensors'")
+    w_nk = t.nk(proj, full(t.param(proj).detach()))
+    E, N, K = w_nk.shape
+    step = max(1, _CHUNK_BYTES // max(1, N * K * 4))
+    parts = [quantize_weight(recipe, w_nk[s:s + step], st.w_amax[proj][s:s + step]) for s in range(0, E, step)]
+    q = type(parts[0])(*(torch.cat(f) for f in zip(*parts)))
+    for suffix, tensor in mxfp4.native_tensors(q).items():
+        w.add(pieces[0].key + suffix, tensor.contiguous())
+
+
 def _write_experts(w, layout, recipe, st, proj: str, pieces: list[Piece]):
+    if layout == NATIVE:
+        return _write_native(w, recipe, st, proj, pieces)
     t = st.target
     w_nk = t.nk(proj, full(t.param(proj).detach()))
     amax = st.w_amax[proj]
@@ -303,7 +322,7 @@ def export(model: nn.Module, out_dir, layout: str = "modelopt", *, overwrite: bo
                          "exported again: copy the checkpoint directory, or quantize the original model")
     recipe = session.recipe
     check_supported(layout, recipe)
-    check_experts_supported(layout, recipe, session.targets.experts)
+    check_experts_supported(layout, recipe, session.targets.experts, session.targets.linears)
     t0 = time.perf_counter()
     sources = {f"{st.target.name}.{p}": (st, p) for st in session.experts for p in st.target.projs}
     sources.update({f"{n}.weight": (st, None) for n, st in session.linears.items()})

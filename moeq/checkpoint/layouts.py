@@ -16,14 +16,23 @@ from ..recipes import Recipe
 from ..schemes.table import CONFIGS, INPUT, WEIGHT
 
 LAYOUTS = ("modelopt", "compressed-tensors")
+# gpt-oss's own checkpoint format (openai/gpt-oss-*: transformers' Mxfp4Config, vLLM's gpt-oss MXFP4 loader):
+# config {"quant_method": "mxfp4", "modules_to_not_convert": [...]}, each fused expert stack as
+# `<param>_blocks` / `<param>_scales`, everything else (attention, router, lm_head) unquantized.
+NATIVE = "mxfp4-native"
 MODELOPT_ALGO = {k: c.modelopt for k, c in CONFIGS.items() if c.modelopt}
 CT_PRESET = {k: c.compressed_tensors for k, c in CONFIGS.items()}
 CT_FORMAT = {name: s.ct_format for name, s in WEIGHT.items()}
 
 
 def check_supported(layout: str, recipe: Recipe) -> None:
-    if layout not in LAYOUTS:
-        raise ValueError(f"unknown layout {layout!r}; choose one of {LAYOUTS}")
+    if layout not in LAYOUTS + (NATIVE,):
+        raise ValueError(f"unknown layout {layout!r}; choose one of {LAYOUTS + (NATIVE,)}")
+    if layout == NATIVE:
+        if recipe.weight != "mxfp4":
+            raise ValueError(f"recipe {recipe.name} cannot be written in the {NATIVE} layout (gpt-oss's own checkpoint "
+                             f"format holds MXFP4 experts only); use recipe w4a16-mxfp4 or mxfp4")
+        return
     table = MODELOPT_ALGO if layout == "modelopt" else CT_PRESET
     if (recipe.weight, recipe.input) not in table:
         why = CONFIGS[(recipe.weight, recipe.input)].why_not_modelopt if (recipe.weight, recipe.input) in CONFIGS else ""
@@ -40,18 +49,40 @@ class UnsupportedExport(ValueError):
 # ModelOptNvFp4FusedMoE, CompressedTensorsW8A8Fp8MoEMethod and CompressedTensorsW4A4Nvfp4MoEMethod have none,
 # so a checkpoint with expert biases fails in their load (KeyError '...experts.w2_bias').
 BIASED_EXPERTS_OK = {("compressed-tensors", "int4", None)}
+# ... and in gpt-oss's own MXFP4 format (gpt_oss.py `_load_weights_mxfp4`: w13_bias / w2_bias next to the blocks)
+BIASED_EXPERTS_OK |= {(NATIVE, "mxfp4", None), (NATIVE, "mxfp4", "mxfp4")}
 
 
-def check_experts_supported(layout: str, recipe: Recipe, experts) -> None:
+def check_experts_supported(layout: str, recipe: Recipe, experts, linears=()) -> None:
     """Refuse, before any calibration, experts that vLLM 0.33 cannot load in `layout` with `recipe`.
-    experts: the ExpertsTarget list (find_targets). One-line error naming the combination and the way out."""
+    experts: the ExpertsTarget list (find_targets); linears: the quantized Linear targets (the mxfp4-native
+    layout has no place for them). One-line error naming the combination and the way out."""
     biased = [t for t in experts if getattr(t.module, "has_bias", False)]
     if biased and (layout, recipe.weight, recipe.input) not in BIASED_EXPERTS_OK:
         t = biased[0]
+        native = f"; for MXFP4 use layout='{NATIVE}' (gpt-oss's own checkpoint format)" if recipe.weight == "mxfp4" else ""
         raise UnsupportedExport(
             f"{type(t.module).__name__} ({t.name}) has expert biases, which vLLM 0.33 loads only with w4a16-int4 in the "
             f"compressed-tensors layout; recipe {recipe.name} in the {layout} layout has no vLLM path: use recipe "
-            f"w4a16-int4 with layout compressed-tensors, or exclude the experts (Recipe.with_exclude)")
+            f"w4a16-int4 with layout compressed-tensors, or exclude the experts (Recipe.with_exclude)" + native)
+    if layout == NATIVE:
+        _check_native(experts, linears, biased)
+
+
+def _check_native(experts, linears, biased) -> None:
+    if len(biased) != len(experts) or not experts:
+        t = next((t for t in experts if t not in biased), None)
+        raise UnsupportedExport(
+            f"the {NATIVE} layout is gpt-oss's own checkpoint format, which vLLM 0.33 reads only for gpt-oss (experts "
+            f"with biases); {'no experts' if t is None else f'{type(t.module).__name__} ({t.name})'} cannot be written "
+            f"in it: use layout='compressed-tensors'")
+    if linears:
+        names = [t.name for t in linears]
+        pats = sorted({"*" + n.rsplit(".", 1)[-1] for n in names})
+        raise UnsupportedExport(
+            f"the {NATIVE} layout stores only the experts quantized (attention, router and lm_head stay in the model "
+            f"dtype), but the recipe also quantizes {len(names)} Linear modules ({', '.join(names[:3])}"
+            f"{' ...' if len(names) > 3 else ''}): leave them unquantized with recipe.with_exclude(add={pats})")
 
 
 def weight_tensors(layout: str, recipe: Recipe, q, amax: torch.Tensor, n_k: tuple[int, int]) -> dict[str, torch.Tensor]:
@@ -69,6 +100,8 @@ def input_tensors(layout: str, recipe: Recipe, amax: torch.Tensor) -> dict[str, 
 def quant_configs(layout: str, recipe: Recipe, ignore: list[str], version: str) -> tuple[dict, dict | None]:
     """-> (config.json quantization_config, hf_quant_config.json or None)."""
     key = (recipe.weight, recipe.input)
+    if layout == NATIVE:  # what openai/gpt-oss-* ship (transformers Mxfp4Config); vLLM maps it to gpt_oss_mxfp4
+        return {"quant_method": "mxfp4", "modules_to_not_convert": ignore}, None
     if layout == "modelopt":
         algo = MODELOPT_ALGO[key]
         producer = {"name": "moeq", "version": version}
@@ -92,6 +125,8 @@ def recipe_from_config(qc: dict) -> tuple[str, Recipe]:
     """(layout, recipe) of a quantization_config as written by either convention."""
     from ..recipes import PRESETS
 
+    if qc.get("quant_method") == "mxfp4":  # the format carries no activation scheme: weight-only unless a sidecar says
+        return NATIVE, PRESETS["w4a16-mxfp4"]
     if qc.get("quant_method") == "modelopt" or "quantization" in qc:
         algo = qc.get("quant_algo") or qc.get("quantization", {}).get("quant_algo")
         key = next((k for k, v in MODELOPT_ALGO.items() if v == algo), None)

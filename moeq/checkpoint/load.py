@@ -15,10 +15,11 @@ from torch import nn
 
 from ..quantization import SESSION_ATTR, Session
 from ..recipes import Recipe
+from ..schemes.mxfp4 import native_read
 from ..schemes.table import INPUT, WEIGHT
 from ..targets import find_targets
 from .export import SIDECAR, expert_units
-from .layouts import recipe_from_config
+from .layouts import NATIVE, recipe_from_config
 from .plan import checkpoint_plan, fill_from_checkpoint
 
 
@@ -120,6 +121,12 @@ def load(path, *, dtype: torch.dtype | None = None, experts_implementation: str 
         for proj in t.projs:
             pname = f"{t.name}.{proj}"
             w_nk = t.nk(proj, params[pname].data)
+            if layout == NATIVE:  # gpt-oss's own format: the fused stack as '<key>_blocks' / '<key>_scales'
+                (piece,) = plan[pname]
+                w_nk.copy_(native_read(reader[piece.key + "_blocks"], reader[piece.key + "_scales"], w_nk.dtype))
+                st.weights_are_fake_quant = True
+                done.add(pname)
+                continue
             prms = [None] * t.num_experts
             units = expert_units(t, proj, plan[pname])
             for u in units:

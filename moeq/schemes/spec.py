@@ -49,7 +49,8 @@ class InputScheme:
 
     granularity: "tensor" = one static scale per layer/projection, fixed by calibration
     (static=True, `param(amax)` gives it); "token" = dynamic, a scale per row computed at
-    run time from the row's own amax (static=False, nothing to calibrate, nothing written).
+    run time from the row's own amax (static=False, nothing to calibrate, nothing written);
+    "group" = dynamic, a scale per `block` elements along K of each row at run time (MX: 32).
     fake_quant(x, param) -> x's dtype; param is None for dynamic schemes.
     tensors(layout, amax) -> {suffix: tensor}; read(r, layout, stem) -> param or None.
     """

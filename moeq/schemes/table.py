@@ -6,18 +6,23 @@ from __future__ import annotations
 from typing import NamedTuple
 
 from . import fp8, fp8_dynamic, int4, nvfp4
+from . import mxfp4, mxfp8
 
 WEIGHT = {
     "nvfp4": nvfp4.WEIGHT,
     "fp8": fp8.WEIGHT,
     "fp8-channel": fp8_dynamic.WEIGHT,
     "int4": int4.WEIGHT,
+    "mxfp4": mxfp4.WEIGHT,
+    "mxfp8": mxfp8.WEIGHT,
 }
 
 INPUT = {
     "nvfp4": nvfp4.INPUT,
     "fp8": fp8.INPUT,
     "fp8-token": fp8_dynamic.INPUT,
+    "mxfp4": mxfp4.INPUT,
+    "mxfp8": mxfp8.INPUT,
 }
 
 
@@ -28,6 +33,8 @@ class Configs(NamedTuple):
 
 
 _NO_MODELOPT_INT4 = "vLLM's modelopt loader has no INT4 scheme; use layout='compressed-tensors'"
+_NO_MODELOPT_MXFP4 = ("vLLM 0.33's modelopt loader has no MXFP4 quant_algo; use layout='compressed-tensors' "
+                      "(or 'mxfp4-native' for gpt-oss)")
 _NO_MODELOPT_FP8_DYNAMIC = ("vLLM's modelopt FP8_PER_CHANNEL_PER_TOKEN covers Linear layers only, its FP8 MoE method "
                             "reads per-tensor static scales; use layout='compressed-tensors'")
 
@@ -37,4 +44,7 @@ CONFIGS = {
     ("fp8", "fp8"): Configs("FP8", "FP8"),
     ("fp8-channel", "fp8-token"): Configs(None, "FP8_DYNAMIC", _NO_MODELOPT_FP8_DYNAMIC),
     ("int4", None): Configs(None, "W4A16", _NO_MODELOPT_INT4),
+    ("mxfp4", "mxfp4"): Configs(None, "MXFP4", _NO_MODELOPT_MXFP4),
+    ("mxfp4", None): Configs(None, "MXFP4A16", _NO_MODELOPT_MXFP4),
+    ("mxfp8", "mxfp8"): Configs("MXFP8", "MXFP8"),
 }

@@ -69,3 +69,15 @@ def test_fp8_dynamic(dtype):
     assert same(a.codes, b.codes) and same(a.scale, b.scale)
     assert same(WEIGHT.fake_quant(x, None, 1), WEIGHT.fake_quant(x.cuda(), None, 1))
     assert same(INPUT.fake_quant(x, None), INPUT.fake_quant(x.cuda(), None))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("element", ["e2m1", "e4m3"])
+def test_mx(dtype, element):
+    from moeq.formats import mx
+
+    x = sample(dtype)
+    a, b = mx.quantize(x, element), mx.quantize(x.cuda(), element)
+    assert same(a.codes, b.codes) and same(a.scale, b.scale)
+    assert same(mx.fake_quant(x, element), mx.fake_quant(x.cuda(), element))
+    assert same(mx.dequantize(a.codes, a.scale, dtype), mx.dequantize(b.codes, b.scale, dtype))

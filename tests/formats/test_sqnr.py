@@ -14,7 +14,7 @@ import math
 import pytest
 import torch
 
-from moeq.formats import fp8, int4, nvfp4
+from moeq.formats import fp8, int4, mx, nvfp4
 from moeq.schemes import fp8_dynamic
 
 SHAPE = (128, 1024)
@@ -40,6 +40,8 @@ FORMATS = {
     # fp8-dynamic's schemes, through the scheme objects (rows = output channels / tokens)
     "fp8-dynamic weight": lambda x: fp8_dynamic.WEIGHT.fake_quant(x, None, 1),
     "fp8-dynamic input": lambda x: fp8_dynamic.INPUT.fake_quant(x, None),
+    "mxfp4": lambda x: mx.fake_quant(x, "e2m1"),
+    "mxfp8": lambda x: mx.fake_quant(x, "e4m3"),
 }
 
 # dB: min(float32, bfloat16) measured, minus 1, rounded down; measured values in docs/formats.md
@@ -56,6 +58,10 @@ FLOORS = {
     ("fp8-dynamic weight", "student_t3"): 31.1,
     ("fp8-dynamic input", "gaussian"): 30.5,
     ("fp8-dynamic input", "student_t3"): 31.1,
+    ("mxfp4", "gaussian"): 18.0,
+    ("mxfp4", "student_t3"): 16.1,
+    ("mxfp8", "gaussian"): 30.4,
+    ("mxfp8", "student_t3"): 30.4,
 }
 
 

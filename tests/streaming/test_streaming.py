@@ -42,6 +42,9 @@ def _calib(model, n=2):
     ("gpt_oss", "w4a16-int4", "compressed-tensors"),  # experts with biases: the one combination vLLM loads
     ("mixtral", "w4a16-int4", "compressed-tensors"),
     ("qwen3_moe", "fp8-dynamic", "compressed-tensors"),
+    # gpt-oss's own MXFP4 format: fused <param>_blocks / _scales, attention left in the model dtype
+    ("gpt_oss", moeq.get_recipe("w4a16-mxfp4").with_exclude(add=["*q_proj", "*k_proj", "*v_proj", "*o_proj"]),
+     "mxfp4-native"),
 ])
 def test_streaming_equals_in_memory(tmp_path, model_type, recipe, layout):
     src = tmp_path / "src"
