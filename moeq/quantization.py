@@ -119,11 +119,12 @@ class Session:
 
 
 class ShapeError(ValueError):
-    """Weights whose input dim K the recipe's blocks do not divide; `modules` names them."""
+    """Weights whose shapes the recipe's blocks do not fit; `modules` names them, `need` says what
+    the recipe needs of them."""
 
-    def __init__(self, msg: str, modules: list[str]):
+    def __init__(self, msg: str, modules: list[str], need: str = ""):
         super().__init__(msg)
-        self.modules = modules
+        self.modules, self.need = modules, need
 
 
 def _check_shapes(targets: Targets, recipe: Recipe) -> None:
@@ -139,10 +140,42 @@ def _check_shapes(targets: Targets, recipe: Recipe) -> None:
             bad.append(f"{t.name} (K={t.module.in_features})")
             modules.append(t.name)
     if bad:
+        need = f"needs the input dim K of every quantized weight divisible by {recipe.block}"
         raise ShapeError(
             f"recipe {recipe.name} needs the input dim K divisible by {recipe.block}, but these are not: "
             + ", ".join(bad) + ". Exclude them (Recipe.with_exclude(add=[...])) or choose another recipe.",
-            list(dict.fromkeys(modules)))
+            list(dict.fromkeys(modules)), need)
+    _check_rows(targets, recipe)
+
+
+def _check_rows(targets: Targets, recipe: Recipe) -> None:
+    """Block scales span `rows` rows: a gate/up half of fused experts, and every module an engine
+    fuses into one GEMM except the last (q/k/v -> qkv, ...), must end on a block boundary, as
+    vLLM 0.33 checks for block FP8 (validate_fp8_block_shape / _moe)."""
+    from .schemes.table import WEIGHT
+
+    rows = WEIGHT[recipe.weight].rows
+    if rows == 1:
+        return
+    bad, modules = [], []
+    for t in targets.experts:
+        n = t.nk(t.projs[0]).shape[-2]
+        if t.has_gate and not t.is_concatenated:
+            bad.append(f"{t.name}.{t.projs[0]} (gate and up rows interleaved)")
+            modules.append(t.name)
+        elif t.has_gate and (n // 2) % rows:
+            bad.append(f"{t.name}.{t.projs[0]} (gate/up halves of N={n // 2})")
+            modules.append(t.name)
+    for t in targets.linears:
+        if len(t.group) > 1 and t.name != t.group[-1] and t.module.out_features % rows:
+            bad.append(f"{t.name} (N={t.module.out_features}, fused with {', '.join(g.rsplit('.', 1)[-1] for g in t.group if g != t.name)})")
+            modules += list(t.group)
+    if bad:
+        need = f"needs the output dim N of fused experts halves and fused sibling projections divisible by {rows}"
+        raise ShapeError(
+            f"recipe {recipe.name} {need} (its {rows}-row weight blocks must not straddle two modules vLLM loads "
+            f"separately), but these are not: " + ", ".join(bad) + ". Exclude them, fused siblings together "
+            f"(Recipe.with_exclude(add=[...])), or choose another recipe.", list(dict.fromkeys(modules)), need)
 
 
 def _batches(calib_data, model: nn.Module):

@@ -32,8 +32,8 @@ DEFAULT_EXCLUDE = (
 
 # The keys of moeq.schemes.table.WEIGHT / INPUT (tests/schemes/test_table.py pins them equal):
 # named here so that importing the recipes (the CLI's --help) does not import torch.
-FORMATS = ("nvfp4", "fp8", "fp8-channel", "int4")
-INPUT_FORMATS = ("nvfp4", "fp8", "fp8-token")
+FORMATS = ("nvfp4", "fp8", "fp8-channel", "int4", "fp8-block")
+INPUT_FORMATS = ("nvfp4", "fp8", "fp8-token", "fp8-group")
 
 
 @dataclass(frozen=True)
@@ -41,12 +41,13 @@ class Recipe:
     """What each quantized weight and its input become.
 
     weight: a key of moeq.schemes.table.WEIGHT: "nvfp4" | "fp8" (per tensor) | "fp8-channel"
-        (per output channel) | "int4"
+        (per output channel) | "int4" | "fp8-block" (per 128 x 128 block)
     input: a key of moeq.schemes.table.INPUT: "nvfp4" | "fp8" (static per tensor) |
-        "fp8-token" (dynamic per token, nothing to calibrate) | None (weight-only,
+        "fp8-token" (dynamic per token, nothing to calibrate) | "fp8-group" (dynamic per
+        128 elements of each token) | None (weight-only,
         activations stay full precision)
     group_size: elements per weight scale along K (16 for nvfp4, 128 for int4; unused for
-        fp8 weights). NVFP4 inputs always use blocks of 16.
+        fp8 weights, 128 for fp8-block). NVFP4 inputs always use blocks of 16.
     exclude: fnmatch patterns of module names left unquantized
     per_expert_input_scales: default False = one input scale per layer and projection
         (the max over experts, what vLLM's fused MoE kernels use)
@@ -66,6 +67,8 @@ class Recipe:
             raise ValueError(f"unknown input format {self.input!r}; choose one of {INPUT_FORMATS} or None")
         if self.weight == "nvfp4" and self.group_size != 16:
             raise ValueError("NVFP4 uses blocks of 16 elements; group_size must be 16")
+        if self.weight == "fp8-block" and self.group_size != 128:
+            raise ValueError("fp8-block uses 128 x 128 blocks (what vLLM's block-FP8 kernels run); group_size must be 128")
 
     def excludes(self, name: str) -> bool:
         return any(fnmatchcase(name, p) for p in self.exclude)
@@ -88,6 +91,7 @@ class Recipe:
 PRESETS = {
     "fp8": Recipe("fp8", weight="fp8", input="fp8", group_size=1),
     "fp8-dynamic": Recipe("fp8-dynamic", weight="fp8-channel", input="fp8-token", group_size=1),
+    "fp8-block": Recipe("fp8-block", weight="fp8-block", input="fp8-group", group_size=128),
     "nvfp4": Recipe("nvfp4", weight="nvfp4", input="nvfp4"),
     "w4a16-nvfp4": Recipe("w4a16-nvfp4", weight="nvfp4"),
     "w4a16-int4": Recipe("w4a16-int4", weight="int4", group_size=128),

@@ -24,6 +24,7 @@ from transformers.core_model_loading import revert_weight_conversion
 from ..calibration_stats import full
 from ..quantization import SESSION_ATTR, Session, unwrap
 from ..quantizer import quantize_weight
+from ..schemes.table import WEIGHT
 from .layouts import check_experts_supported, check_supported, input_tensors, quant_configs, weight_tensors
 from .plan import Piece, checkpoint_plan
 from .outdir import MARKER, AtomicDir
@@ -54,8 +55,12 @@ class ExportReport:
                 + (f"; {n} never-routed experts got the layer's input scale" if n else ""))
 
 
-def _slice(q, expert: int | None, rows):
-    """Slice every field of a quantized tensor tuple to one expert / some rows."""
+def _slice(q, expert: int | None, rows, align: int = 1):
+    """Slice every field of a quantized tensor tuple to one expert / some rows. align: the row
+    blocks of the scheme's scales (fp8-block: 128); a piece must be consecutive rows starting on one."""
+    if align > 1 and rows is not None and not _starts_block(rows, align):
+        raise NotImplementedError(f"a checkpoint module holds rows of a weight that do not start on a {align}-row block "
+                                  f"of its scales; exclude this module (Recipe.with_exclude) or choose another recipe")
     out = []
     for f in q:
         if expert is not None:
@@ -75,6 +80,13 @@ def _emit(w: ShardWriter, layout, recipe, stem: str, q, amax, in_amax, k: int, s
     if in_amax is not None:
         for name, t in input_tensors(layout, recipe, in_amax).items():
             w.add(f"{stem}{name}", t)
+
+
+def _starts_block(rows, align: int) -> bool:
+    if isinstance(rows, slice):
+        return rows.step in (None, 1) and (rows.start or 0) % align == 0
+    first = int(rows[0])
+    return first % align == 0 and torch.equal(rows.cpu(), torch.arange(first, first + len(rows)))
 
 
 # Experts are quantized in chunks of whole experts so transient fp32 copies stay bounded
@@ -152,7 +164,8 @@ def _write_experts(w, layout, recipe, st, proj: str, pieces: list[Piece]):
                 e = u.expert
                 ia = None if in_amax is None else (in_amax if in_amax.dim() == 0 else in_amax[e])
                 # vLLM has no loader path for a weight_shape of fused experts (and never reads one)
-                _emit(w, layout, recipe, u.stem, _slice(q, e - s, u.rows), amax[e], ia, K, shape=not u.vllm_fused)
+                _emit(w, layout, recipe, u.stem, _slice(q, e - s, u.rows, WEIGHT[recipe.weight].rows), amax[e], ia, K,
+                      shape=not u.vllm_fused)
 
 
 def _write_linear(w, layout, recipe, st, pieces: list[Piece]):
@@ -162,7 +175,8 @@ def _write_linear(w, layout, recipe, st, pieces: list[Piece]):
     for piece in pieces:
         if not piece.key.endswith(".weight"):
             raise NotImplementedError(f"checkpoint key {piece.key} for {piece.param} does not end in .weight")
-        _emit(w, layout, recipe, piece.key[: -len("weight")], _slice(q, None, piece.rows), st.w_amax, in_amax, weight.shape[1])
+        _emit(w, layout, recipe, piece.key[: -len("weight")], _slice(q, None, piece.rows, WEIGHT[recipe.weight].rows),
+              st.w_amax, in_amax, weight.shape[1])
 
 
 class _Discard:
