@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from moeq.formats import fp8, int4, nvfp4
-from moeq.schemes import fp8_dynamic
+from moeq.schemes import fp8_block, fp8_dynamic
 
 SHAPE = (128, 1024)
 SEED = 0
@@ -40,6 +40,9 @@ FORMATS = {
     # fp8-dynamic's schemes, through the scheme objects (rows = output channels / tokens)
     "fp8-dynamic weight": lambda x: fp8_dynamic.WEIGHT.fake_quant(x, None, 1),
     "fp8-dynamic input": lambda x: fp8_dynamic.INPUT.fake_quant(x, None),
+    # fp8-block's schemes: 128 x 128 weight blocks, input groups of 128 along each row
+    "fp8-block weight": lambda x: fp8_block.WEIGHT.fake_quant(x, None, 128),
+    "fp8-block input": lambda x: fp8_block.INPUT.fake_quant(x, None),
 }
 
 # dB: min(float32, bfloat16) measured, minus 1, rounded down; measured values in docs/formats.md
@@ -56,6 +59,10 @@ FLOORS = {
     ("fp8-dynamic weight", "student_t3"): 31.1,
     ("fp8-dynamic input", "gaussian"): 30.5,
     ("fp8-dynamic input", "student_t3"): 31.1,
+    ("fp8-block weight", "gaussian"): 30.5,
+    ("fp8-block weight", "student_t3"): 30.7,
+    ("fp8-block input", "gaussian"): 30.7,
+    ("fp8-block input", "student_t3"): 31.9,
 }
 
 

@@ -13,7 +13,7 @@ from moeq.recipes import PRESETS
 from moeq.schemes.spec import InputScheme, WeightScheme
 from moeq.schemes.table import CONFIGS, INPUT, WEIGHT
 
-GRANULARITIES = {"tensor", "channel", "group", "tensor_group"}
+GRANULARITIES = {"tensor", "channel", "group", "tensor_group", "block"}
 
 
 def test_every_preset_pair_has_configs_and_every_config_names_known_schemes():
@@ -30,7 +30,7 @@ def test_scheme_fields():
         assert isinstance(s, WeightScheme) and s.name == name and s.granularity in GRANULARITIES, name
     for name, s in INPUT.items():
         assert isinstance(s, InputScheme) and s.name == name, name
-        assert s.granularity in {"tensor", "token"} and s.static == (s.param is not None), name
+        assert s.granularity in {"tensor", "token", "group"} and s.static == (s.param is not None), name
 
 
 class _Reader(dict):
