@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 
 from .calibration_stats import BatchContext, ExpertsState, LinearState, abs_amax, full
 from .interception import ExpertsIntercept, Hooks, LinearIntercept
+from .kv_cache import AttentionState, KVIntercept, check_call
 from .quantizer import input_is_static
 from .recipes import Recipe, get_recipe
 from .targets import Targets, find_targets
@@ -60,8 +61,9 @@ class Session:
         self.model, self.recipe, self.targets = model, recipe, targets
         self.experts = [ExpertsState(t, recipe) for t in targets.experts]
         self.linears = {t.name: LinearState(t, recipe) for t in targets.linears}
+        self.attention = [AttentionState(n, m) for n, m in targets.attention]  # kv_cache scales
         self.batch = BatchContext()  # the current calibration batch's token mask, seen by every state
-        for st in [*self.experts, *self.linears.values()]:
+        for st in [*self.experts, *self.linears.values(), *self.attention]:
             st.batch = self.batch
         self.hooks = Hooks()
         self.report: QuantReport | None = None
@@ -74,6 +76,9 @@ class Session:
                               ExpertsState.restore_output)
         for st in self.linears.values():
             self.hooks.attach(st.target.module, lambda info, st=st: LinearIntercept(st, info))
+        impl = getattr(getattr(self.model, "config", None), "_attn_implementation", None)
+        for st in self.attention:
+            self.hooks.attach(st.module, lambda info, st=st: KVIntercept(st, info), after=check_call(st, impl))
 
     def detach(self) -> None:
         self.hooks.remove()
@@ -102,6 +107,9 @@ class Session:
                 reduce(a, dist.ReduceOp.MAX)
             reduce(st.tokens, dist.ReduceOp.SUM)
             st.calls = int(reduce(torch.tensor([st.calls], dtype=torch.int64), dist.ReduceOp.SUM)[0])
+        for st in self.attention:
+            for a in st.amax.values():
+                reduce(a, dist.ReduceOp.MAX)
         for st in self.linears.values():
             reduce(st.in_amax, dist.ReduceOp.MAX)
             st.calls = int(reduce(torch.tensor([st.calls], dtype=torch.int64), dist.ReduceOp.SUM)[0])
@@ -116,6 +124,8 @@ class Session:
             shared_w = torch.stack([w_amax[n] for n in group]).max()
             shared_in = torch.stack([self.linears[n].in_amax for n in group]).max()
             st.finalize(shared_w, shared_in, cache_fake_quant)
+        for st in self.attention:
+            st.finalize()
 
 
 class ShapeError(ValueError):
@@ -287,6 +297,8 @@ def quantize(
                          f"on a device. For models larger than memory use moeq.streaming.quantize_streaming / --streaming")
     if calib_data is None and input_is_static(recipe):
         raise ValueError(f"recipe {recipe.name} quantizes activations and needs calib_data for their scales")
+    if calib_data is None and recipe.kv_cache is not None:
+        raise ValueError(f"kv_cache={recipe.kv_cache!r} needs calib_data: its k/v scales are static, from calibration")
 
     session = Session(model, recipe, targets)
     report = QuantReport(

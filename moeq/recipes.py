@@ -34,6 +34,7 @@ DEFAULT_EXCLUDE = (
 # named here so that importing the recipes (the CLI's --help) does not import torch.
 FORMATS = ("nvfp4", "fp8", "fp8-channel", "int4", "fp8-block")
 INPUT_FORMATS = ("nvfp4", "fp8", "fp8-token", "fp8-group")
+KV_CACHE_FORMATS = ("fp8",)
 
 
 @dataclass(frozen=True)
@@ -51,6 +52,9 @@ class Recipe:
     exclude: fnmatch patterns of module names left unquantized
     per_expert_input_scales: default False = one input scale per layer and projection
         (the max over experts, what vLLM's fused MoE kernels use)
+    kv_cache: "fp8" = static per-layer FP8 scales for the attention's keys (after rotary
+        embedding) and values, calibrated and written for the engine's KV cache (moeq.kv_cache);
+        None = the KV cache stays in the model dtype
     """
 
     name: str
@@ -59,6 +63,7 @@ class Recipe:
     group_size: int = 16
     exclude: tuple[str, ...] = DEFAULT_EXCLUDE
     per_expert_input_scales: bool = False
+    kv_cache: str | None = None
 
     def __post_init__(self):
         if self.weight not in FORMATS:
@@ -67,6 +72,8 @@ class Recipe:
             raise ValueError(f"unknown input format {self.input!r}; choose one of {INPUT_FORMATS} or None")
         if self.weight == "nvfp4" and self.group_size != 16:
             raise ValueError("NVFP4 uses blocks of 16 elements; group_size must be 16")
+        if self.kv_cache is not None and self.kv_cache not in KV_CACHE_FORMATS:
+            raise ValueError(f"unknown kv_cache format {self.kv_cache!r}; choose one of {KV_CACHE_FORMATS} or None")
         if self.weight == "fp8-block" and self.group_size != 128:
             raise ValueError("fp8-block uses 128 x 128 blocks (what vLLM's block-FP8 kernels run); group_size must be 128")
 
