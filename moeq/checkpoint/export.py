@@ -25,7 +25,8 @@ from ..calibration_stats import full
 from ..quantization import SESSION_ATTR, Session, unwrap
 from ..quantizer import quantize_weight
 from ..schemes.table import WEIGHT
-from .layouts import check_experts_supported, check_supported, input_tensors, quant_configs, weight_tensors
+from .layouts import (check_experts_supported, check_supported, input_tensors, kv_cache_tensors, quant_configs,
+                      weight_tensors)
 from .plan import Piece, checkpoint_plan
 from .outdir import MARKER, AtomicDir
 from .writer import DEFAULT_SHARD_BYTES, ShardWriter
@@ -179,6 +180,15 @@ def _write_linear(w, layout, recipe, st, pieces: list[Piece]):
               st.w_amax, in_amax, weight.shape[1])
 
 
+def _module_key(plan: dict[str, list[Piece]], module: str) -> str:
+    """The checkpoint name of a module stored whole under `<name>.weight`."""
+    pieces = plan.get(f"{module}.weight", [])
+    if len(pieces) != 1 or pieces[0].rows is not None or not pieces[0].key.endswith(".weight"):
+        raise NotImplementedError(f"{module}.weight is not one checkpoint tensor, so moeq cannot name its kv cache "
+                                  f"scale; quantize without kv_cache")
+    return pieces[0].key[: -len(".weight")]
+
+
 class _Discard:
     """A writer that drops what it is given (ranks other than 0 of a sharded export)."""
 
@@ -222,8 +232,11 @@ def _ignore_list(excluded: list[str], plan: dict[str, list[Piece]]) -> list[str]
 
 def write_sidecar(out: Path, recipe, layout: str, excluded: list[str], tokens_per_expert: dict) -> None:
     """moeq_export.json: the recipe, what was excluded and the calibration coverage."""
+    r = asdict(recipe)
+    if r.get("kv_cache") is None:  # absent rather than null: exports without a KV cache scheme read as before
+        r.pop("kv_cache", None)
     (out / SIDECAR).write_text(json.dumps({
-        "recipe": asdict(recipe), "layout": layout, "excluded_modules": sorted(excluded),
+        "recipe": r, "layout": layout, "excluded_modules": sorted(excluded),
         "tokens_per_expert": tokens_per_expert,
         "never_routed": {n: [e for e, c in enumerate(v) if c == 0] for n, v in tokens_per_expert.items()},
     }, indent=1) + "\n")
@@ -330,6 +343,9 @@ def export(model: nn.Module, out_dir, layout: str = "modelopt", *, overwrite: bo
                 _write_experts(w, layout, recipe, st, proj, plan[pname])
         for key, t in plain.items():
             w.add(key, t)
+        for st in session.attention:
+            for key, t in kv_cache_tensors(layout, st.scale, *(_module_key(plan, f"{st.name}.{p}") for p in ("k_proj", "v_proj"))).items():
+                w.add(key, t)
 
     if rank != 0:  # FSDP2: gather every parameter with rank 0 (the same collectives, same order); rank 0 writes
         write_tensors(_Discard())
