@@ -69,3 +69,15 @@ def test_fp8_dynamic(dtype):
     assert same(a.codes, b.codes) and same(a.scale, b.scale)
     assert same(WEIGHT.fake_quant(x, None, 1), WEIGHT.fake_quant(x.cuda(), None, 1))
     assert same(INPUT.fake_quant(x, None), INPUT.fake_quant(x.cuda(), None))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_fp8_block(dtype):
+    from moeq.formats import fp8_block
+    from moeq.schemes.fp8_block import INPUT
+
+    x = sample(dtype)  # [3, 32, 512]: one partial 32-row block per expert
+    a, b = fp8_block.quantize(x), fp8_block.quantize(x.cuda())
+    assert same(a.codes, b.codes) and same(a.scale, b.scale)
+    assert same(fp8_block.fake_quant(x), fp8_block.fake_quant(x.cuda()))
+    assert same(INPUT.fake_quant(x, None), INPUT.fake_quant(x.cuda(), None))
