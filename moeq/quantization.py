@@ -184,8 +184,8 @@ def _check_rows(targets: Targets, recipe: Recipe) -> None:
         need = f"needs the output dim N of fused experts halves and fused sibling projections divisible by {rows}"
         raise ShapeError(
             f"recipe {recipe.name} {need} (its {rows}-row weight blocks must not straddle two modules vLLM loads "
-            f"separately), but these are not: " + ", ".join(bad) + ". Exclude them, fused siblings together "
-            f"(Recipe.with_exclude(add=[...])), or choose another recipe.", list(dict.fromkeys(modules)), need)
+            "separately), but these are not: " + ", ".join(bad) + ". Exclude them, fused siblings together "
+            "(Recipe.with_exclude(add=[...])), or choose another recipe.", list(dict.fromkeys(modules)), need)
 
 
 def _batches(calib_data, model: nn.Module):

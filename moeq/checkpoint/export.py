@@ -343,8 +343,9 @@ def export(model: nn.Module, out_dir, layout: str = "modelopt", *, overwrite: bo
                 _write_experts(w, layout, recipe, st, proj, plan[pname])
         for key, t in plain.items():
             w.add(key, t)
-        for st in session.attention:
-            for key, t in kv_cache_tensors(layout, st.scale, *(_module_key(plan, f"{st.name}.{p}") for p in ("k_proj", "v_proj"))).items():
+        for st in session.attention:  # kv_cache: the static k/v scales
+            k_proj, v_proj = (_module_key(plan, f"{st.name}.{p}") for p in ("k_proj", "v_proj"))
+            for key, t in kv_cache_tensors(layout, st.scale, k_proj, v_proj).items():
                 w.add(key, t)
 
     if rank != 0:  # FSDP2: gather every parameter with rank 0 (the same collectives, same order); rank 0 writes
