@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import errno
 import json
 import logging
@@ -19,7 +20,7 @@ from pathlib import Path
 
 from . import data as D
 from .cli_checks import CliError, _check_out_dir, _check_same_model, _check_same_vocab, _model_path, _preflight, load_model
-from .recipes import PRESETS
+from .recipes import KV_CACHE_FORMATS, PRESETS
 
 # torch and transformers are imported inside the commands, after the arguments are checked:
 # `moeq --help` and argument errors answer in well under a second.
@@ -103,6 +104,8 @@ def _recipe(a):
     from .recipes import get_recipe
 
     recipe = get_recipe(a.recipe)
+    if a.kv_cache:
+        recipe = dataclasses.replace(recipe, kv_cache=a.kv_cache)
     return recipe.with_exclude(add=a.exclude) if a.exclude else recipe
 
 
@@ -245,6 +248,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--recipe", default="nvfp4", choices=list(PRESETS))
     q.add_argument("--calib", default="demo", help="text FILE, DIR of text files, or 'demo'")
     q.add_argument("--layout", default="modelopt", choices=["modelopt", "compressed-tensors", "mxfp4-native"])
+    q.add_argument("--kv-cache", choices=list(KV_CACHE_FORMATS),
+                   help="also calibrate static per-layer FP8 scales for the KV cache (keys after rotary embedding, values)")
     q.add_argument("--out", help="output directory (default ./moeq-<model>-<recipe>)")
     q.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
     q.add_argument("--calib-all-experts", action="store_true", help="every expert's statistics see every token")

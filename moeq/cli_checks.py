@@ -179,7 +179,7 @@ def _preflight(path: Path, recipe, layout: str, user_excludes: list[str], stream
         check_experts_supported(layout, recipe, targets.experts, targets.linears)
         _check_shapes(targets, recipe)
     except ShapeError as e:
-        raise CliError(f"recipe {recipe.name} needs the input dim K of every quantized weight divisible by {recipe.block}; "
+        raise CliError(f"recipe {recipe.name} {e.need}; "
                        f"these are not: {', '.join(e.modules[:4])}{' ...' if len(e.modules) > 4 else ''}. "
                        f"Leave them unquantized with {_exclude_hint(e.modules)}, or choose another --recipe") from e
     except (CoverageError, UnsupportedExport) as e:

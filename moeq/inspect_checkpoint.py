@@ -19,7 +19,7 @@ from types import SimpleNamespace
 import torch
 from safetensors import safe_open
 
-from .checkpoint.layouts import NATIVE, recipe_from_config
+from .checkpoint.layouts import NATIVE, kv_cache_names, recipe_from_config
 from .schemes.table import INPUT, WEIGHT
 
 _SCALE_NAMES = ("weight_scale_2", "weight_global_scale", "input_scale", "input_global_scale")
@@ -138,6 +138,7 @@ def inspect_checkpoint(path) -> InspectResult:
             leaf = mod.rsplit(".", 1)[-1]
             if leaf in ("gate", "router", "lm_head") and not _ignored(mod, ignore):
                 P(f"{mod} is not quantized but missing from the exclude list; vLLM would try to load it as quantized")
+    _check_kv_cache(h, layout, recipe, P)
     res.per_layer = {k: dict(v) for k, v in res.per_layer.items()}
     return res
 
@@ -164,6 +165,29 @@ def _inspect_native(path: Path, h: _Headers, recipe, ignore: list[str]) -> Inspe
         res.problems.append("no <param>_blocks tensors: nothing quantized in this mxfp4 checkpoint")
     res.per_layer = {k: dict(v) for k, v in res.per_layer.items()}
     return res
+def _check_kv_cache(h: _Headers, layout: str, recipe, P) -> None:
+    """With kv_cache: every attention (a module with k_proj and v_proj weights) has positive finite fp32
+    scalar k/v scales under the layout's names; without: no k/v scale is present (vLLM would ignore it)."""
+    scales = sorted(k for k in h.where if k.endswith((".k_scale", ".v_scale")))
+    if recipe.kv_cache is None:
+        if scales:
+            P(f"{scales[0]} is present, but the config declares no KV cache quantization (vLLM would ignore it)")
+        return
+    proj = {p: {m[1] for k in h.where if (m := re.match(rf"(.*)\.{p}\.weight(?:_packed)?$", k))} for p in ("k_proj", "v_proj")}
+    attention = sorted(proj["k_proj"] & proj["v_proj"])
+    if not attention:
+        P("the config declares an FP8 KV cache, but no attention module (k_proj and v_proj) is in the checkpoint")
+    shape = () if layout == "modelopt" else (1,)
+    for attn in attention:
+        for key in kv_cache_names(layout, attn).values():
+            if key not in h.where:
+                P(f"{key} is missing (the config declares an FP8 KV cache)")
+                continue
+            if h.dtype(key) != torch.float32 or h.shape(key) != shape:
+                P(f"{key} has dtype {h.dtype(key)} and shape {h.shape(key)}, expected torch.float32 {shape}")
+            t = h.tensor(key).float()
+            if not bool(torch.isfinite(t).all()) or not bool((t > 0).all()):
+                P(f"{key} has non-finite or non-positive values")
 
 
 def _check_module(h: _Headers, stem: str, recipe, ct: bool, P) -> None:

@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 
 from .calibration_stats import BatchContext, ExpertsState, LinearState, abs_amax, full
 from .interception import ExpertsIntercept, Hooks, LinearIntercept
+from .kv_cache import AttentionState, KVIntercept, check_call
 from .quantizer import input_is_static
 from .recipes import Recipe, get_recipe
 from .targets import Targets, find_targets
@@ -60,8 +61,9 @@ class Session:
         self.model, self.recipe, self.targets = model, recipe, targets
         self.experts = [ExpertsState(t, recipe) for t in targets.experts]
         self.linears = {t.name: LinearState(t, recipe) for t in targets.linears}
+        self.attention = [AttentionState(n, m) for n, m in targets.attention]  # kv_cache scales
         self.batch = BatchContext()  # the current calibration batch's token mask, seen by every state
-        for st in [*self.experts, *self.linears.values()]:
+        for st in [*self.experts, *self.linears.values(), *self.attention]:
             st.batch = self.batch
         self.hooks = Hooks()
         self.report: QuantReport | None = None
@@ -74,6 +76,9 @@ class Session:
                               ExpertsState.restore_output)
         for st in self.linears.values():
             self.hooks.attach(st.target.module, lambda info, st=st: LinearIntercept(st, info))
+        impl = getattr(getattr(self.model, "config", None), "_attn_implementation", None)
+        for st in self.attention:
+            self.hooks.attach(st.module, lambda info, st=st: KVIntercept(st, info), after=check_call(st, impl))
 
     def detach(self) -> None:
         self.hooks.remove()
@@ -102,6 +107,9 @@ class Session:
                 reduce(a, dist.ReduceOp.MAX)
             reduce(st.tokens, dist.ReduceOp.SUM)
             st.calls = int(reduce(torch.tensor([st.calls], dtype=torch.int64), dist.ReduceOp.SUM)[0])
+        for st in self.attention:
+            for a in st.amax.values():
+                reduce(a, dist.ReduceOp.MAX)
         for st in self.linears.values():
             reduce(st.in_amax, dist.ReduceOp.MAX)
             st.calls = int(reduce(torch.tensor([st.calls], dtype=torch.int64), dist.ReduceOp.SUM)[0])
@@ -116,14 +124,17 @@ class Session:
             shared_w = torch.stack([w_amax[n] for n in group]).max()
             shared_in = torch.stack([self.linears[n].in_amax for n in group]).max()
             st.finalize(shared_w, shared_in, cache_fake_quant)
+        for st in self.attention:
+            st.finalize()
 
 
 class ShapeError(ValueError):
-    """Weights whose input dim K the recipe's blocks do not divide; `modules` names them."""
+    """Weights whose shapes the recipe's blocks do not fit; `modules` names them, `need` says what
+    the recipe needs of them."""
 
-    def __init__(self, msg: str, modules: list[str]):
+    def __init__(self, msg: str, modules: list[str], need: str = ""):
         super().__init__(msg)
-        self.modules = modules
+        self.modules, self.need = modules, need
 
 
 def _check_shapes(targets: Targets, recipe: Recipe) -> None:
@@ -139,10 +150,42 @@ def _check_shapes(targets: Targets, recipe: Recipe) -> None:
             bad.append(f"{t.name} (K={t.module.in_features})")
             modules.append(t.name)
     if bad:
+        need = f"needs the input dim K of every quantized weight divisible by {recipe.block}"
         raise ShapeError(
             f"recipe {recipe.name} needs the input dim K divisible by {recipe.block}, but these are not: "
             + ", ".join(bad) + ". Exclude them (Recipe.with_exclude(add=[...])) or choose another recipe.",
-            list(dict.fromkeys(modules)))
+            list(dict.fromkeys(modules)), need)
+    _check_rows(targets, recipe)
+
+
+def _check_rows(targets: Targets, recipe: Recipe) -> None:
+    """Block scales span `rows` rows: a gate/up half of fused experts, and every module an engine
+    fuses into one GEMM except the last (q/k/v -> qkv, ...), must end on a block boundary, as
+    vLLM 0.33 checks for block FP8 (validate_fp8_block_shape / _moe)."""
+    from .schemes.table import WEIGHT
+
+    rows = WEIGHT[recipe.weight].rows
+    if rows == 1:
+        return
+    bad, modules = [], []
+    for t in targets.experts:
+        n = t.nk(t.projs[0]).shape[-2]
+        if t.has_gate and not t.is_concatenated:
+            bad.append(f"{t.name}.{t.projs[0]} (gate and up rows interleaved)")
+            modules.append(t.name)
+        elif t.has_gate and (n // 2) % rows:
+            bad.append(f"{t.name}.{t.projs[0]} (gate/up halves of N={n // 2})")
+            modules.append(t.name)
+    for t in targets.linears:
+        if len(t.group) > 1 and t.name != t.group[-1] and t.module.out_features % rows:
+            bad.append(f"{t.name} (N={t.module.out_features}, fused with {', '.join(g.rsplit('.', 1)[-1] for g in t.group if g != t.name)})")
+            modules += list(t.group)
+    if bad:
+        need = f"needs the output dim N of fused experts halves and fused sibling projections divisible by {rows}"
+        raise ShapeError(
+            f"recipe {recipe.name} {need} (its {rows}-row weight blocks must not straddle two modules vLLM loads "
+            "separately), but these are not: " + ", ".join(bad) + ". Exclude them, fused siblings together "
+            "(Recipe.with_exclude(add=[...])), or choose another recipe.", list(dict.fromkeys(modules)), need)
 
 
 def _batches(calib_data, model: nn.Module):
@@ -254,6 +297,8 @@ def quantize(
                          f"on a device. For models larger than memory use moeq.streaming.quantize_streaming / --streaming")
     if calib_data is None and input_is_static(recipe):
         raise ValueError(f"recipe {recipe.name} quantizes activations and needs calib_data for their scales")
+    if calib_data is None and recipe.kv_cache is not None:
+        raise ValueError(f"kv_cache={recipe.kv_cache!r} needs calib_data: its k/v scales are static, from calibration")
 
     session = Session(model, recipe, targets)
     report = QuantReport(

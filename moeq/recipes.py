@@ -37,10 +37,9 @@ DEFAULT_EXCLUDE = (
 
 # The keys of moeq.schemes.table.WEIGHT / INPUT (tests/schemes/test_table.py pins them equal):
 # named here so that importing the recipes (the CLI's --help) does not import torch.
-FORMATS = ("nvfp4", "fp8", "fp8-channel", "int4")
-INPUT_FORMATS = ("nvfp4", "fp8", "fp8-token")
-FORMATS += ("mxfp4", "mxfp8")  # OCP MX (moeq/schemes/mxfp4.py, mxfp8.py)
-INPUT_FORMATS += ("mxfp4", "mxfp8")
+FORMATS = ("nvfp4", "fp8", "fp8-channel", "int4", "mxfp4", "mxfp8", "fp8-block")
+INPUT_FORMATS = ("nvfp4", "fp8", "fp8-token", "mxfp4", "mxfp8", "fp8-group")
+KV_CACHE_FORMATS = ("fp8",)
 
 
 @dataclass(frozen=True)
@@ -48,15 +47,19 @@ class Recipe:
     """What each quantized weight and its input become.
 
     weight: a key of moeq.schemes.table.WEIGHT: "nvfp4" | "fp8" (per tensor) | "fp8-channel"
-        (per output channel) | "int4"
+        (per output channel) | "int4" | "fp8-block" (per 128 x 128 block)
     input: a key of moeq.schemes.table.INPUT: "nvfp4" | "fp8" (static per tensor) |
-        "fp8-token" (dynamic per token, nothing to calibrate) | None (weight-only,
+        "fp8-token" (dynamic per token, nothing to calibrate) | "fp8-group" (dynamic per
+        128 elements of each token) | None (weight-only,
         activations stay full precision)
     group_size: elements per weight scale along K (16 for nvfp4, 128 for int4; unused for
-        fp8 weights). NVFP4 inputs always use blocks of 16.
+        fp8 weights, 128 for fp8-block). NVFP4 inputs always use blocks of 16.
     exclude: fnmatch patterns of module names left unquantized
     per_expert_input_scales: default False = one input scale per layer and projection
         (the max over experts, what vLLM's fused MoE kernels use)
+    kv_cache: "fp8" = static per-layer FP8 scales for the attention's keys (after rotary
+        embedding) and values, calibrated and written for the engine's KV cache (moeq.kv_cache);
+        None = the KV cache stays in the model dtype
     """
 
     name: str
@@ -65,6 +68,7 @@ class Recipe:
     group_size: int = 16
     exclude: tuple[str, ...] = DEFAULT_EXCLUDE
     per_expert_input_scales: bool = False
+    kv_cache: str | None = None
 
     def __post_init__(self):
         if self.weight not in FORMATS:
@@ -75,6 +79,10 @@ class Recipe:
             raise ValueError("NVFP4 uses blocks of 16 elements; group_size must be 16")
         if self.weight in ("mxfp4", "mxfp8") and self.group_size != 32:
             raise ValueError(f"{self.weight.upper()} uses blocks of 32 elements (OCP MX); group_size must be 32")
+        if self.kv_cache is not None and self.kv_cache not in KV_CACHE_FORMATS:
+            raise ValueError(f"unknown kv_cache format {self.kv_cache!r}; choose one of {KV_CACHE_FORMATS} or None")
+        if self.weight == "fp8-block" and self.group_size != 128:
+            raise ValueError("fp8-block uses 128 x 128 blocks (what vLLM's block-FP8 kernels run); group_size must be 128")
 
     def excludes(self, name: str) -> bool:
         return any(fnmatchcase(name, p) for p in self.exclude)
@@ -97,6 +105,7 @@ class Recipe:
 PRESETS = {
     "fp8": Recipe("fp8", weight="fp8", input="fp8", group_size=1),
     "fp8-dynamic": Recipe("fp8-dynamic", weight="fp8-channel", input="fp8-token", group_size=1),
+    "fp8-block": Recipe("fp8-block", weight="fp8-block", input="fp8-group", group_size=128),
     "nvfp4": Recipe("nvfp4", weight="nvfp4", input="nvfp4"),
     "w4a16-nvfp4": Recipe("w4a16-nvfp4", weight="nvfp4"),
     "w4a16-int4": Recipe("w4a16-int4", weight="int4", group_size=128),

@@ -184,6 +184,9 @@ def quantize_streaming(model_path, recipe: "str | Recipe", calib_batches, out_di
     path, out = Path(model_path), Path(out_dir)
     recipe = get_recipe(recipe)
     check_supported(layout, recipe)
+    if recipe.kv_cache is not None:
+        raise NotImplementedError(f"kv_cache={recipe.kv_cache!r} is not supported by the streaming (layer by layer) path "
+                                  f"yet; quantize in memory (moeq.quantize + moeq.export, CLI without --streaming)")
     if write:
         out = check_out_dir(out, source=path, overwrite=overwrite)
     reader = CheckpointReader(path)

@@ -75,6 +75,7 @@ class Targets:
     experts: list[ExpertsTarget]
     linears: list[LinearTarget]
     excluded: list[str]  # module names matched by an exclude pattern that hold weights
+    attention: list[tuple[str, nn.Module]] = field(default_factory=list)  # kv_cache: (name, attention module)
 
 
 def is_experts_module(m: nn.Module) -> bool:
@@ -121,7 +122,12 @@ def find_targets(model: nn.Module, recipe: Recipe) -> Targets:
             "or report the layout to moeq."
         )
     _assign_sibling_groups(linears)
-    return Targets(experts, linears, excluded)
+    attention = []
+    if recipe.kv_cache is not None:
+        from .kv_cache import find_attention
+
+        attention = find_attention(model)
+    return Targets(experts, linears, excluded, attention)
 
 
 def _assign_sibling_groups(linears: list[LinearTarget]) -> None:

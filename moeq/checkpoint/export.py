@@ -25,7 +25,9 @@ from ..calibration_stats import full
 from ..quantization import SESSION_ATTR, Session, unwrap
 from ..quantizer import quantize_weight
 from ..schemes import mxfp4
-from .layouts import (NATIVE, UnsupportedExport, check_experts_supported, check_supported, input_tensors, quant_configs,
+from ..schemes.table import WEIGHT
+from .layouts import (NATIVE, UnsupportedExport, check_experts_supported, check_supported, input_tensors, kv_cache_tensors,
+                      quant_configs,
                       weight_tensors)
 from .plan import Piece, checkpoint_plan
 from .outdir import MARKER, AtomicDir
@@ -56,8 +58,12 @@ class ExportReport:
                 + (f"; {n} never-routed experts got the layer's input scale" if n else ""))
 
 
-def _slice(q, expert: int | None, rows):
-    """Slice every field of a quantized tensor tuple to one expert / some rows."""
+def _slice(q, expert: int | None, rows, align: int = 1):
+    """Slice every field of a quantized tensor tuple to one expert / some rows. align: the row
+    blocks of the scheme's scales (fp8-block: 128); a piece must be consecutive rows starting on one."""
+    if align > 1 and rows is not None and not _starts_block(rows, align):
+        raise NotImplementedError(f"a checkpoint module holds rows of a weight that do not start on a {align}-row block "
+                                  f"of its scales; exclude this module (Recipe.with_exclude) or choose another recipe")
     out = []
     for f in q:
         if expert is not None:
@@ -77,6 +83,13 @@ def _emit(w: ShardWriter, layout, recipe, stem: str, q, amax, in_amax, k: int, s
     if in_amax is not None:
         for name, t in input_tensors(layout, recipe, in_amax).items():
             w.add(f"{stem}{name}", t)
+
+
+def _starts_block(rows, align: int) -> bool:
+    if isinstance(rows, slice):
+        return rows.step in (None, 1) and (rows.start or 0) % align == 0
+    first = int(rows[0])
+    return first % align == 0 and torch.equal(rows.cpu(), torch.arange(first, first + len(rows)))
 
 
 # Experts are quantized in chunks of whole experts so transient fp32 copies stay bounded
@@ -171,7 +184,8 @@ def _write_experts(w, layout, recipe, st, proj: str, pieces: list[Piece]):
                 e = u.expert
                 ia = None if in_amax is None else (in_amax if in_amax.dim() == 0 else in_amax[e])
                 # vLLM has no loader path for a weight_shape of fused experts (and never reads one)
-                _emit(w, layout, recipe, u.stem, _slice(q, e - s, u.rows), amax[e], ia, K, shape=not u.vllm_fused)
+                _emit(w, layout, recipe, u.stem, _slice(q, e - s, u.rows, WEIGHT[recipe.weight].rows), amax[e], ia, K,
+                      shape=not u.vllm_fused)
 
 
 def _write_linear(w, layout, recipe, st, pieces: list[Piece]):
@@ -181,7 +195,17 @@ def _write_linear(w, layout, recipe, st, pieces: list[Piece]):
     for piece in pieces:
         if not piece.key.endswith(".weight"):
             raise NotImplementedError(f"checkpoint key {piece.key} for {piece.param} does not end in .weight")
-        _emit(w, layout, recipe, piece.key[: -len("weight")], _slice(q, None, piece.rows), st.w_amax, in_amax, weight.shape[1])
+        _emit(w, layout, recipe, piece.key[: -len("weight")], _slice(q, None, piece.rows, WEIGHT[recipe.weight].rows),
+              st.w_amax, in_amax, weight.shape[1])
+
+
+def _module_key(plan: dict[str, list[Piece]], module: str) -> str:
+    """The checkpoint name of a module stored whole under `<name>.weight`."""
+    pieces = plan.get(f"{module}.weight", [])
+    if len(pieces) != 1 or pieces[0].rows is not None or not pieces[0].key.endswith(".weight"):
+        raise NotImplementedError(f"{module}.weight is not one checkpoint tensor, so moeq cannot name its kv cache "
+                                  f"scale; quantize without kv_cache")
+    return pieces[0].key[: -len(".weight")]
 
 
 class _Discard:
@@ -234,8 +258,11 @@ def _ignore_list(targets, plan: dict[str, list[Piece]]) -> list[str]:
 
 def write_sidecar(out: Path, recipe, layout: str, excluded: list[str], tokens_per_expert: dict) -> None:
     """moeq_export.json: the recipe, what was excluded and the calibration coverage."""
+    r = asdict(recipe)
+    if r.get("kv_cache") is None:  # absent rather than null: exports without a KV cache scheme read as before
+        r.pop("kv_cache", None)
     (out / SIDECAR).write_text(json.dumps({
-        "recipe": asdict(recipe), "layout": layout, "excluded_modules": sorted(excluded),
+        "recipe": r, "layout": layout, "excluded_modules": sorted(excluded),
         "tokens_per_expert": tokens_per_expert,
         "never_routed": {n: [e for e, c in enumerate(v) if c == 0] for n, v in tokens_per_expert.items()},
     }, indent=1) + "\n")
@@ -342,6 +369,10 @@ def export(model: nn.Module, out_dir, layout: str = "modelopt", *, overwrite: bo
                 _write_experts(w, layout, recipe, st, proj, plan[pname])
         for key, t in plain.items():
             w.add(key, t)
+        for st in session.attention:  # kv_cache: the static k/v scales
+            k_proj, v_proj = (_module_key(plan, f"{st.name}.{p}") for p in ("k_proj", "v_proj"))
+            for key, t in kv_cache_tensors(layout, st.scale, k_proj, v_proj).items():
+                w.add(key, t)
 
     if rank != 0:  # FSDP2: gather every parameter with rank 0 (the same collectives, same order); rank 0 writes
         write_tensors(_Discard())

@@ -32,6 +32,9 @@ def check_supported(layout: str, recipe: Recipe) -> None:
         if recipe.weight != "mxfp4":
             raise ValueError(f"recipe {recipe.name} cannot be written in the {NATIVE} layout (gpt-oss's own checkpoint "
                              f"format holds MXFP4 experts only); use recipe w4a16-mxfp4 or mxfp4")
+        if recipe.kv_cache is not None:
+            raise ValueError(f"the {NATIVE} layout (quant_method mxfp4) has no place for KV cache scales; "
+                             f"quantize without kv_cache")
         return
     table = MODELOPT_ALGO if layout == "modelopt" else CT_PRESET
     if (recipe.weight, recipe.input) not in table:
@@ -97,32 +100,79 @@ def input_tensors(layout: str, recipe: Recipe, amax: torch.Tensor) -> dict[str, 
     return INPUT[recipe.input].tensors(layout, amax)
 
 
+# compressed-tensors' kv_cache_scheme for a static per-tensor FP8 cache (vLLM's CompressedTensorsKVCacheMethod
+# accepts float / 8 bits / tensor or attn_head / symmetric); vLLM's modelopt flat config reads the same dict as FP8
+KV_CACHE_SCHEME = {"num_bits": 8, "type": "float", "symmetric": True, "group_size": None, "strategy": "tensor",
+                   "dynamic": False}
+
+
+def kv_cache_tensors(layout: str, scales: dict[str, torch.Tensor], k_proj: str, v_proj: str) -> dict[str, torch.Tensor]:
+    """One attention layer's k/v scales under the names vLLM 0.33 maps to `...attn.k_scale` / `v_scale`
+    (maybe_remap_kv_scale_name): ModelOpt `{k_proj}.k_scale` / `{v_proj}.v_scale` (0-d); compressed-tensors
+    `{attention}.k_scale` / `v_scale` ([1]). k_proj / v_proj: the projections' checkpoint module names."""
+    if layout == "modelopt":
+        return {f"{k_proj}.k_scale": scales["k"].reshape(()), f"{v_proj}.v_scale": scales["v"].reshape(())}
+    attn = k_proj.rsplit(".", 1)[0]
+    return {f"{attn}.k_scale": scales["k"].reshape(1), f"{attn}.v_scale": scales["v"].reshape(1)}
+
+
+def kv_cache_names(layout: str, attention: str) -> dict[str, str]:
+    """{"k": key, "v": key} of the scales of the attention module whose checkpoint name is `attention`."""
+    if layout == "modelopt":
+        return {"k": f"{attention}.k_proj.k_scale", "v": f"{attention}.v_proj.v_scale"}
+    return {"k": f"{attention}.k_scale", "v": f"{attention}.v_scale"}
+
+
 def quant_configs(layout: str, recipe: Recipe, ignore: list[str], version: str) -> tuple[dict, dict | None]:
     """-> (config.json quantization_config, hf_quant_config.json or None)."""
     key = (recipe.weight, recipe.input)
     if layout == NATIVE:  # what openai/gpt-oss-* ship (transformers Mxfp4Config); vLLM maps it to gpt_oss_mxfp4
         return {"quant_method": "mxfp4", "modules_to_not_convert": ignore}, None
+    kv = recipe.kv_cache == "fp8"
     if layout == "modelopt":
         algo = MODELOPT_ALGO[key]
         producer = {"name": "moeq", "version": version}
         group_size = recipe.group_size if WEIGHT[recipe.weight].granularity == "tensor_group" else None
         nested = {"producer": producer, "quantization": {
-            "quant_algo": algo, "kv_cache_quant_algo": None, "group_size": group_size, "exclude_modules": ignore}}
+            "quant_algo": algo, "kv_cache_quant_algo": "FP8" if kv else None, "group_size": group_size,
+            "exclude_modules": ignore}}
         flat = {"quant_method": "modelopt", "quant_algo": algo, "ignore": ignore, "exclude_modules": ignore,
-                "group_size": nested["quantization"]["group_size"], "kv_cache_scheme": None, "producer": producer}
+                "group_size": nested["quantization"]["group_size"], "kv_cache_scheme": dict(KV_CACHE_SCHEME) if kv else None,
+                "producer": producer}
         return flat, nested
-    from compressed_tensors.quantization import QuantizationConfig, preset_name_to_scheme
+    from compressed_tensors.quantization import QuantizationArgs, QuantizationConfig, preset_name_to_scheme
 
     scheme = preset_name_to_scheme(CT_PRESET[key], ["Linear"])
     if WEIGHT[recipe.weight].granularity == "group":
         scheme.weights.group_size = recipe.group_size
     cfg = QuantizationConfig(config_groups={"group_0": scheme}, ignore=ignore, format=CT_FORMAT[recipe.weight],
-                             quantization_status="compressed")
+                             quantization_status="compressed",
+                             kv_cache_scheme=QuantizationArgs(**KV_CACHE_SCHEME) if kv else None)
     return cfg.to_dict(), None
 
 
+def _kv_cache_from_config(qc: dict) -> str | None:
+    """"fp8" when the config asks for a static per-tensor FP8 KV cache, None when it asks for none."""
+    algo = qc.get("quantization", {}).get("kv_cache_quant_algo") if "quantization" in qc else None
+    scheme = qc.get("kv_cache_scheme")
+    if algo is None and scheme is None:
+        return None
+    if str(algo).upper() == "FP8" or (isinstance(scheme, dict) and scheme.get("type") == "float"
+                                        and scheme.get("num_bits") == 8 and scheme.get("strategy", "tensor") == "tensor"
+                                        and not scheme.get("dynamic")):
+        return "fp8"
+    raise ValueError(f"unsupported KV cache quantization in the config ({algo or scheme}); moeq reads static "
+                     f"per-tensor FP8 k/v scales only")
+
+
 def recipe_from_config(qc: dict) -> tuple[str, Recipe]:
-    """(layout, recipe) of a quantization_config as written by either convention."""
+    """(layout, recipe) of a quantization_config as written by either convention (kv_cache included)."""
+    layout, recipe = _recipe_from_config(qc)
+    kv = _kv_cache_from_config(qc)
+    return layout, (dataclasses.replace(recipe, kv_cache=kv) if kv else recipe)
+
+
+def _recipe_from_config(qc: dict) -> tuple[str, Recipe]:
     from ..recipes import PRESETS
 
     if qc.get("quant_method") == "mxfp4":  # the format carries no activation scheme: weight-only unless a sidecar says

@@ -19,7 +19,7 @@ from ..schemes.mxfp4 import native_read
 from ..schemes.table import INPUT, WEIGHT
 from ..targets import find_targets
 from .export import SIDECAR, expert_units
-from .layouts import NATIVE, recipe_from_config
+from .layouts import NATIVE, kv_cache_names, recipe_from_config
 from .plan import checkpoint_plan, fill_from_checkpoint
 
 
@@ -160,6 +160,10 @@ def load(path, *, dtype: torch.dtype | None = None, experts_implementation: str 
     for pname, pieces in plan.items():
         if pname not in done:
             fill_from_checkpoint(params[pname].data, pieces, reader.__getitem__)
+    for st in session.attention:  # kv_cache: the static k/v scales
+        attn = plan[f"{st.name}.k_proj.weight"][0].key.rsplit(".", 2)[0]
+        st.scale = {kind: reader[key].reshape(()).float() for kind, key in kv_cache_names(layout, attn).items()}
+        st.mode = "quantize"
     session.attach(calib_all_experts=False)
     setattr(model, SESSION_ATTR, session)
     return model

@@ -27,6 +27,7 @@ class WeightScheme:
         "channel"       [N, 1]        one scale per output row, from the weight itself
         "group"         [N, K/g]      one scale per g elements along K (recipe.group_size)
         "tensor_group"  [N, K/16] + () block scales under a per-tensor global scale
+        "block"         [N/128, K/128] one scale per 2-D block, from the weight itself
     quantize(w, amax, group_size) -> NamedTuple of on-disk pieces (stacked like w)
     fake_quant(w, amax, group_size) -> dequantize(quantize(w)) in w's dtype, bit-exactly
     tensors(layout, q, amax, (n, k)) -> {suffix: tensor} of one [N, K] module (q sliced to it)
@@ -41,6 +42,8 @@ class WeightScheme:
     read: Callable[..., torch.Tensor]
     check: Callable[..., None]
     ct_format: str  # compressed-tensors' compression format name
+    rows: int = 1  # row alignment: checkpoint modules split from one weight, and modules an engine
+    # fuses (all but the last), must have N divisible by this (block scales span rows)
 
 
 @dataclass(frozen=True)
@@ -50,7 +53,8 @@ class InputScheme:
     granularity: "tensor" = one static scale per layer/projection, fixed by calibration
     (static=True, `param(amax)` gives it); "token" = dynamic, a scale per row computed at
     run time from the row's own amax (static=False, nothing to calibrate, nothing written);
-    "group" = dynamic, a scale per `block` elements along K of each row at run time (MX: 32).
+    "group" = dynamic, a scale per `block` consecutive elements along K of each row at run time
+    (static=False; MX: 32, fp8-block inputs: 128).
     fake_quant(x, param) -> x's dtype; param is None for dynamic schemes.
     tensors(layout, amax) -> {suffix: tensor}; read(r, layout, stem) -> param or None.
     """

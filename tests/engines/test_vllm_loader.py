@@ -52,6 +52,35 @@ def test_vllm_loads_export(model_type, preset, layout, cache, tmp_path):
     assert verdict.startswith("pass"), f"{model_type} {preset} {layout}: {verdict}"
 
 
+@pytest.mark.parametrize("model_type", ["qwen3_moe", "mixtral"])
+def test_vllm_loads_fp8_block(model_type, tmp_path):
+    """fp8-block (compressed-tensors only). qwen3_moe with head_dim 64: its tiny k/v projections (64 rows) would
+    split a 128-row block of vLLM's fused qkv, which moeq refuses (tests/export/test_export_fp8_block.py)."""
+    model = vc.tiny_for_vllm(model_type, **({"head_dim": 64} if model_type == "qwen3_moe" else {}))
+    moeq.quantize(model, "fp8-block", progress=False, layout="compressed-tensors")
+    moeq.export(model, tmp_path / "out", "compressed-tensors", progress=False)
+    verdict, _ = vc.run_check(tmp_path / "out")
+    print(f"{model_type} fp8-block compressed-tensors: {verdict}")
+    assert verdict.startswith("pass"), verdict
+
+
+@pytest.mark.parametrize("layout", vc.LAYOUTS)
+@pytest.mark.parametrize("preset", ["fp8", "nvfp4"])
+@pytest.mark.parametrize("model_type", ["qwen3_moe", "mixtral"])
+def test_vllm_loads_kv_cache_scales(model_type, preset, layout, tmp_path):
+    """kv_cache='fp8': vLLM maps every k/v scale onto its attention layer (`attn.k_scale`), none left over."""
+    import dataclasses
+
+    model = vc.tiny_for_vllm(model_type)
+    recipe = dataclasses.replace(moeq.get_recipe(preset), kv_cache="fp8")
+    moeq.quantize(model, recipe, [tm.random_input_ids(model, batch=2, seq=16, seed=s) for s in range(2)],
+                  progress=False, layout=layout)
+    moeq.export(model, tmp_path / "out", layout, progress=False)
+    verdict, _ = vc.run_check(tmp_path / "out")
+    print(f"{model_type} {preset}+kv-fp8 {layout}: {verdict}")
+    assert verdict.startswith("pass"), verdict
+
+
 def _never():
     raise AssertionError("calibration data was read before the refusal")
     yield torch.zeros(1, 1, dtype=torch.long)  # pragma: no cover

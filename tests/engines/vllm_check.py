@@ -120,13 +120,14 @@ def run_check(ckpt: Path, timeout: int = 900) -> tuple[str, dict]:
 MLA_DIMS = {"qk_nope_head_dim": 128, "qk_rope_head_dim": 64, "v_head_dim": 128, "kv_lora_rank": 512}
 
 
-def tiny_for_vllm(model_type: str):
-    """The bf16 tiny model of `model_type`, with DeepSeek's MLA head dims where the config has MLA."""
+def tiny_for_vllm(model_type: str, **overrides):
+    """The bf16 tiny model of `model_type`, with DeepSeek's MLA head dims where the config has MLA (and
+    `overrides` of its config)."""
     cfg = tm.tiny_config(model_type)
     over = {k: v for k, v in MLA_DIMS.items() if hasattr(cfg, "kv_lora_rank") and hasattr(cfg, k)}
     if "qk_nope_head_dim" in over and hasattr(cfg, "head_dim"):
         over["head_dim"] = MLA_DIMS["qk_rope_head_dim"]
-    model = tm.tiny_model(model_type, dtype=torch.bfloat16, **over)
+    model = tm.tiny_model(model_type, dtype=torch.bfloat16, **{**over, **overrides})
     # DeepSeek's own configs say topk_method "noaux_tc" (transformers' config class has no such field); vLLM's
     # deepseek_v2.py creates gate.e_score_correction_bias only then
     if getattr(model.config, "topk_method", None) is None and model_type.startswith("deepseek") and any(

@@ -81,3 +81,12 @@ def test_mx(dtype, element):
     assert same(a.codes, b.codes) and same(a.scale, b.scale)
     assert same(mx.fake_quant(x, element), mx.fake_quant(x.cuda(), element))
     assert same(mx.dequantize(a.codes, a.scale, dtype), mx.dequantize(b.codes, b.scale, dtype))
+def test_fp8_block(dtype):
+    from moeq.formats import fp8_block
+    from moeq.schemes.fp8_block import INPUT
+
+    x = sample(dtype)  # [3, 32, 512]: one partial 32-row block per expert
+    a, b = fp8_block.quantize(x), fp8_block.quantize(x.cuda())
+    assert same(a.codes, b.codes) and same(a.scale, b.scale)
+    assert same(fp8_block.fake_quant(x), fp8_block.fake_quant(x.cuda()))
+    assert same(INPUT.fake_quant(x, None), INPUT.fake_quant(x.cuda(), None))

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from moeq.formats import fp8, int4, mx, nvfp4
-from moeq.schemes import fp8_dynamic
+from moeq.schemes import fp8_block, fp8_dynamic
 
 SHAPE = (128, 1024)
 SEED = 0
@@ -42,6 +42,9 @@ FORMATS = {
     "fp8-dynamic input": lambda x: fp8_dynamic.INPUT.fake_quant(x, None),
     "mxfp4": lambda x: mx.fake_quant(x, "e2m1"),
     "mxfp8": lambda x: mx.fake_quant(x, "e4m3"),
+    # fp8-block's schemes: 128 x 128 weight blocks, input groups of 128 along each row
+    "fp8-block weight": lambda x: fp8_block.WEIGHT.fake_quant(x, None, 128),
+    "fp8-block input": lambda x: fp8_block.INPUT.fake_quant(x, None),
 }
 
 # dB: min(float32, bfloat16) measured, minus 1, rounded down; measured values in docs/formats.md
@@ -62,6 +65,10 @@ FLOORS = {
     ("mxfp4", "student_t3"): 16.1,
     ("mxfp8", "gaussian"): 30.4,
     ("mxfp8", "student_t3"): 30.4,
+    ("fp8-block weight", "gaussian"): 30.5,
+    ("fp8-block weight", "student_t3"): 30.7,
+    ("fp8-block input", "gaussian"): 30.7,
+    ("fp8-block input", "student_t3"): 31.9,
 }
 
 

@@ -13,8 +13,8 @@ from moeq.recipes import PRESETS
 from moeq.schemes.spec import InputScheme, WeightScheme
 from moeq.schemes.table import CONFIGS, INPUT, WEIGHT
 
-GRANULARITIES = {"tensor", "channel", "group", "tensor_group"}
 INPUT_GRANULARITIES = {"tensor", "token", "group"}
+GRANULARITIES = {"tensor", "channel", "group", "tensor_group", "block"}
 
 
 def test_every_preset_pair_has_configs_and_every_config_names_known_schemes():
