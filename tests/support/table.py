@@ -12,7 +12,7 @@ from pathlib import Path
 
 import transformers
 
-from .sweep import LAYOUTS, PRESETS, REFUSED, ModelResult
+from .sweep import LAYOUTS, PRESETS, REFUSED, SHAPE_REFUSAL, ModelResult
 
 START = "<!-- support-table:start -->"
 END = "<!-- support-table:end -->"
@@ -38,6 +38,10 @@ def _kind(status: str) -> str:
 
 def _cell(r: ModelResult, preset: str) -> str:
     return " / ".join(_MARK[_kind(r.status(preset, layout))] for layout in LAYOUTS)
+
+
+def _shapes(status: str) -> bool:
+    return status.startswith(SHAPE_REFUSAL)
 
 
 def _code(text: str) -> str:
@@ -109,10 +113,13 @@ def notes(r: ModelResult, verdicts: dict | None = None) -> str:
         label = "all" if len(by_msg) == 1 and len(where) == applicable else ", ".join(where)
         parts.append(f"{label}: {_code(_short(msg))}")
     refused = [f"{p} {lay}" for p in PRESETS for lay in LAYOUTS if (p, lay) not in REFUSED
-               and r.skip_reason is None and _kind(r.status(p, lay)) == "n/a"]
+               and r.skip_reason is None and _kind(r.status(p, lay)) == "n/a" and not _shapes(r.status(p, lay))]
     if refused:
         parts.append(f"refused ({', '.join(refused)}): expert biases, which vLLM 0.33 loads only with w4a16-int4 "
-                     "compressed-tensors")
+                     "compressed-tensors (MXFP4: in gpt-oss's own `mxfp4-native` layout)")
+    shapes = [p for p in PRESETS if r.skip_reason is None and _shapes(r.status(p, LAYOUTS[-1]))]
+    for p in shapes:
+        parts.append(f"{p} refused: {_code(_short(r.status(p, LAYOUTS[-1])[len(SHAPE_REFUSAL):]))}")
     parts += vllm_notes(verdicts or {}, r.model_type)
     return "; ".join(parts).replace("\n", " ")
 
@@ -135,7 +142,8 @@ def render(results: list[ModelResult], verdicts: dict | None = None) -> str:
         f"random model of its model type, is quantized (2 calibration batches, default experts implementation), "
         f"exported in each layout and reloaded with `moeq.load`; ✅ means the reloaded model's output is "
         f"bit-identical to the in-memory quantized model's. — = refused by design (vLLM's modelopt loader has no "
-        f"INT4 scheme, or a model's expert biases outside w4a16-int4 compressed-tensors). "
+        f"INT4, MXFP4 or block-FP8 MoE scheme; a model's expert biases outside w4a16-int4 compressed-tensors; "
+        f"fp8-block where a gate/up half or a fused sibling does not end on a 128-row block, as vLLM requires). "
         f"`tests/support/test_support.py` fails when this table is stale.",
         "",
         f"The vLLM column comes from `{VLLM_SWEEP}` (vLLM {verdicts.get('vllm') or '0.33'}'s own loader run on CPU by "
@@ -146,9 +154,9 @@ def render(results: list[ModelResult], verdicts: dict | None = None) -> str:
         "",
         f"**{n_pass} of {n_types} model types pass every applicable preset and layout.**",
         "",
-        f"| model type | experts class | layout flags | nvfp4 ({layouts}) | w4a16-int4 ({layouts}) | "
-        f"vLLM load, nvfp4 ({layouts}) | notes |",
-        "|---|---|---|---|---|---|---|",
+        "| model type | experts class | layout flags | " + " | ".join(f"{p} ({layouts})" for p in PRESETS)
+        + f" | vLLM load, nvfp4 ({layouts}) | notes |",
+        "|---|---|---|" + "---|" * len(PRESETS) + "---|---|",
     ]
     for r in rows:
         cells = [f"`{r.model_type}`", f"`{r.experts_class}`", r.flags_text]

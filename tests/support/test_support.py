@@ -55,6 +55,8 @@ def test_every_non_pass_has_a_reason(results):
 def test_not_applicable_only_where_refused_by_design(results):
     for r in results:
         for key, c in r.cases.items():
+            if key[0] in sweep.ROW_BLOCK_PRESETS and c.status.startswith(sweep.SHAPE_REFUSAL):
+                continue  # refused before calibration: the tiny model's rows do not fit the blocks
             if key in sweep.REFUSED:
                 assert c.not_applicable or c.status.startswith("fail: quantize"), (
                     f"{r.model_type} {key}: expected moeq.export to refuse it, got {c.status!r}")
