@@ -53,7 +53,7 @@ def per_row(p: torch.Tensor, x: torch.Tensor, extra: int = 0) -> torch.Tensor:
     """A float32 parameter broadcastable against x[..., :1] as [R, 1] (+ `extra` unit dims):
     the kernels see one parameter shape whatever the granularity (tensor, expert, row)."""
     p = p.to(torch.float32).expand(*x.shape[:-1], 1)
-    return p.reshape((x.numel() // x.shape[-1], 1) + (1,) * extra)
+    return p.reshape((x.numel() // x.shape[-1], 1) + (1,) * extra).contiguous()  # one stride pattern: one graph
 
 
 _consts: dict[tuple, torch.Tensor] = {}
@@ -103,8 +103,12 @@ class Fused:
         if not self.use_compiled(x):
             return self.kernel(*args)
         try:
+            # detached aliases: a view's base would enter the guards (one graph per base shape);
+            # no_grad: one graph whatever the caller's grad mode (no input requires grad here)
+            args = tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in args)
             self._mark(args)
-            out = self._get(x.device.type)(*args)
+            with torch.no_grad():
+                out = self._get(x.device.type)(*args)
         except Exception as e:  # noqa: BLE001 - any compiler failure: eager from now on
             out = self.kernel(*args)  # an error of the inputs themselves is raised here, eagerly
             self.failed = True
