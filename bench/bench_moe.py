@@ -102,26 +102,32 @@ def build(num_experts: int, hidden: int, moe_inter: int, dtype, device):
     return model
 
 
-def timed(fn, repeats: int, device, first: dict | None = None, key: str = "") -> float:
-    """Median of `repeats` calls after a warm-up call; the warm-up's extra time over the median
-    (compilation, mostly) goes to first[key] when given."""
-    t0 = time.perf_counter()
-    fn()  # warm-up
+def _call(fn, device) -> float:
     if device == "cuda":
         torch.cuda.synchronize()
-    t_first = time.perf_counter() - t0
-    ts = []
+    t = time.perf_counter()
+    fn()
+    if device == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - t
+
+
+def timed(fn, repeats: int, device, first: dict | None = None, key: str = "", ref=None, ratios: dict | None = None) -> float:
+    """Median of `repeats` calls after a warm-up call; the warm-up's extra time over the median
+    (compilation, mostly) goes to first[key] when given. With `ref` (the plain model's forward),
+    each call is followed by one of ref and ratios[key] = the median of the pairwise ratios:
+    a shared machine's load changes over minutes, not between two adjacent calls."""
+    t_first = _call(fn, device)
+    ts, rs = [], []
     for _ in range(repeats):
-        if device == "cuda":
-            torch.cuda.synchronize()
-        t = time.perf_counter()
-        fn()
-        if device == "cuda":
-            torch.cuda.synchronize()
-        ts.append(time.perf_counter() - t)
+        ts.append(_call(fn, device))
+        if ref is not None:
+            rs.append(ts[-1] / _call(ref, device))
     med = statistics.median(ts)
     if first is not None:
         first[key] = t_first - med
+    if ratios is not None and rs:
+        ratios[key] = statistics.median(rs)
     return med
 
 
@@ -145,17 +151,23 @@ def bench_config(E, hidden, inter, tokens, repeats, dtype, device, export: bool,
         best = min(("grouped_mm", "eager"), key=lambda i: row[f"t_{i}"])
         row["baseline"], row["t_base"], row["mem_base"] = best, row[f"t_{best}"], row["mem_grouped_mm"]
         row["modes"] = {}
+        plain = copy.deepcopy(model)  # the interleaved reference of every moeq phase
+        plain.set_experts_implementation(best)
+        fwd(plain)()
         for mode in modes:
             set_compile(mode == "on")
-            row["modes"][mode] = bench_moeq(model, ids, fwd, repeats, device, export and mode == modes[-1])
+            row["modes"][mode] = bench_moeq(model, ids, fwd, repeats, device, export and mode == modes[-1],
+                                            ref=fwd(plain))
         set_compile(True)
+        del plain
     row.update(row["modes"][modes[-1]])
     return row
 
 
-def bench_moeq(model, ids, fwd, repeats, device, export: bool) -> dict:
-    """Calibration (under grouped_mm and under eager) and fake-quant forwards of one kernel mode."""
-    row, first = {}, {}
+def bench_moeq(model, ids, fwd, repeats, device, export: bool, ref=None) -> dict:
+    """Calibration (under grouped_mm and under eager) and fake-quant forwards of one kernel mode;
+    row["ratio"][phase]: time over the plain model's forward interleaved with it (`ref`)."""
+    row, first, ratio = {}, {}, {}
     model.set_experts_implementation("grouped_mm")
     for recipe in ("nvfp4", "fp8"):
         m = model if recipe == "fp8" else copy.deepcopy(model)
@@ -166,7 +178,7 @@ def bench_moeq(model, ids, fwd, repeats, device, export: bool) -> dict:
             for impl in ("grouped_mm", "eager"):
                 m.set_experts_implementation(impl)
                 with PeakMemory(device) as pm:
-                    row[f"t_calib_{impl}"] = timed(fwd(m), repeats, device, first, f"calib_{impl}")
+                    row[f"t_calib_{impl}"] = timed(fwd(m), repeats, device, first, f"calib_{impl}", ref, ratio)
                 row[f"mem_calib_{impl}"] = pm.peak
             m.set_experts_implementation("grouped_mm")
             row["t_calib"], row["mem_calib"] = row["t_calib_grouped_mm"], row["mem_calib_grouped_mm"]
@@ -174,12 +186,12 @@ def bench_moeq(model, ids, fwd, repeats, device, export: bool) -> dict:
             m(input_ids=ids, use_cache=False)
         s.finalize()  # default: fake-quant weights computed per call, no second copy
         with PeakMemory(device) as pm:
-            row[f"t_fq_{recipe}"] = timed(fwd(m), repeats, device, first, f"fq_{recipe}")
+            row[f"t_fq_{recipe}"] = timed(fwd(m), repeats, device, first, f"fq_{recipe}", ref, ratio)
         row[f"mem_fq_{recipe}"] = pm.peak
         # cache_weights=True: one extra copy of the weights, kept between calls
         s.finalize(cache_fake_quant=True)
         with PeakMemory(device) as pm:
-            row[f"t_fq_{recipe}_cached"] = timed(fwd(m), repeats, device, first, f"fq_{recipe}_cached")
+            row[f"t_fq_{recipe}_cached"] = timed(fwd(m), repeats, device, first, f"fq_{recipe}_cached", ref, ratio)
         row[f"mem_fq_{recipe}_cached"] = pm.peak
         s.finalize()
         if recipe == "nvfp4" and export:
@@ -196,7 +208,7 @@ def bench_moeq(model, ids, fwd, repeats, device, export: bool) -> dict:
             del m
         gc.collect()
     row["t_fq_cached"], row["mem_fq_cached"] = row["t_fq_nvfp4_cached"], row["mem_fq_nvfp4_cached"]
-    row["first_extra"] = first
+    row["first_extra"], row["ratio"] = first, ratio
     return row
 
 
@@ -208,19 +220,20 @@ def total(r, m, key: str) -> float:
 def table(rows, header: str) -> str:
     mib = lambda b: f"{b / 2**20:.0f}"  # noqa: E731
     out = [header, "",
-           "| experts | tokens | kernels | grouped_mm tok/s | eager tok/s | baseline | calib / base: best (grouped_mm, eager) | fq nvfp4 / base | fq nvfp4 cached / base | fq fp8 / base | fq fp8 cached / base | first call extra s: calib, fq nvfp4, fq fp8 | mem base MiB | mem calib MiB (ratio) | fq memory: weights + peak, vs base (cached) | export s | export peak extra MiB (one layer MiB) |",
+           "| experts | tokens | kernels | grouped_mm tok/s | eager tok/s | baseline | calib / base: best (under grouped_mm, under eager) | fq nvfp4 / base | fq nvfp4 cached / base | fq fp8 / base | fq fp8 cached / base | first call extra s: calib, fq nvfp4, fq fp8 | mem base MiB | mem calib MiB (ratio) | fq memory: weights + peak, vs base (cached) | export s | export peak extra MiB (one layer MiB) |",
            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         tb = r["t_base"]
         for mode, m in r.get("modes", {"on": r}).items():
-            cg, ce = m["t_calib_grouped_mm"], m["t_calib_eager"]
+            q = m.get("ratio") or {}
+            rt = lambda k: q.get(k, m[f"t_{k}"] / tb)  # noqa: E731 - interleaved ratio, else over the first baseline
             fe = m["first_extra"]
             out.append(
                 f"| {r['experts']} | {r['tokens']} | {'compiled' if mode == 'on' else 'eager (MOEQ_COMPILE=0)'} "
                 f"| {r['tokens'] / r['t_grouped_mm']:.0f} | {r['tokens'] / r['t_eager']:.0f} | {r['baseline']} "
-                f"| {min(cg, ce) / tb:.2f}x ({cg / r['t_grouped_mm']:.2f}x, {ce / r['t_eager']:.2f}x) "
-                f"| {m['t_fq_nvfp4'] / tb:.2f}x | {m['t_fq_nvfp4_cached'] / tb:.2f}x "
-                f"| {m['t_fq_fp8'] / tb:.2f}x | {m['t_fq_fp8_cached'] / tb:.2f}x "
+                f"| {min(rt('calib_grouped_mm'), rt('calib_eager')):.2f}x ({rt('calib_grouped_mm'):.2f}x, {rt('calib_eager'):.2f}x) "
+                f"| {rt('fq_nvfp4'):.2f}x | {rt('fq_nvfp4_cached'):.2f}x "
+                f"| {rt('fq_fp8'):.2f}x | {rt('fq_fp8_cached'):.2f}x "
                 f"| {fe['calib_grouped_mm']:.1f}, {fe['fq_nvfp4']:.1f}, {fe['fq_fp8']:.1f} "
                 f"| {mib(r['mem_base'])} | {mib(m['mem_calib'])} ({m['mem_calib'] / max(r['mem_base'], 1):.2f}x) "
                 f"| {total(r, m, 'mem_fq_nvfp4'):.2f}x ({total(r, m, 'mem_fq_cached'):.2f}x) "
