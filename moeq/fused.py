@@ -78,11 +78,11 @@ class Fused:
         self.failed = False
         self.compiled_calls = 0  # calls that ran the compiled kernel (tests, benchmarks)
 
-    def use_compiled(self, x: torch.Tensor) -> bool:
-        return (not self.failed and enabled() and x.numel() >= self.min_numel
+    def use_compiled(self, args) -> bool:
+        return (not self.failed and enabled() and args[0].numel() >= self.min_numel
                 and torch._C._len_torch_function_stack() == 0 and torch._C._is_torch_function_enabled()
                 and not torch.compiler.is_compiling()
-                and not (torch.is_grad_enabled() and x.requires_grad))
+                and not (torch.is_grad_enabled() and any(isinstance(a, torch.Tensor) and a.requires_grad for a in args)))
 
     def _get(self, device_type: str):
         fn = self._compiled.get(device_type)
@@ -100,7 +100,7 @@ class Fused:
 
     def __call__(self, *args):
         x = args[0]
-        if not self.use_compiled(x):
+        if not self.use_compiled(args):
             return self.kernel(*args)
         try:
             # detached aliases: a view's base would enter the guards (one graph per base shape);
