@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import torch
 
+from .fused import row_absmax
 from .quantizer import fake_quant_input, fake_quant_weight, input_scale_param
 from .recipes import Recipe
 from .targets import ExpertsTarget, LinearTarget
@@ -86,11 +87,11 @@ class ExpertsState:
         kind, r = rows
         amax, first = self.in_amax[proj], proj == self.target.projs[0]
         if kind == "one":
-            amax[r] = torch.maximum(amax[r], xk.abs().amax().float())
+            amax[r] = torch.maximum(amax[r], row_absmax(xk).amax())
             if first:
                 self.tokens[r] += xk.numel() // max(xk.shape[-1], 1)
         else:
-            per_row = xk.abs().flatten(1).amax(1).float() if kind == "ids" else xk.abs().amax(-1).float()
+            per_row = row_absmax(xk.flatten(1)) if kind == "ids" else row_absmax(xk)
             if kind == "ids":
                 ids = r.long()
                 valid = valid_rows if valid_rows is not None and valid_rows.numel() == ids.numel() else None
@@ -184,7 +185,7 @@ class ExpertsState:
         x = hidden.reshape(-1, hidden.shape[-1])
         ids = idx.reshape(x.shape[0], -1).long()
         valid = ids < E
-        per = (x.abs().amax(-1).float().unsqueeze(1) * valid).flatten()
+        per = (row_absmax(x).unsqueeze(1) * valid).flatten()
         ids = ids.clamp(max=E - 1).flatten()
         self.in_amax[first].scatter_reduce_(0, ids, per, "amax")
         self.tokens.scatter_add_(0, ids, valid.flatten().long())
@@ -195,7 +196,7 @@ class ExpertsState:
         t, m = self.target, self.target.module
         first, down = t.projs
         x = hidden.reshape(-1, hidden.shape[-1])
-        self.in_amax[first].clamp_(min=x.abs().amax().float())
+        self.in_amax[first].clamp_(min=row_absmax(x).amax())
         w = t.nk(first)  # [E, N, K]
         bias = getattr(m, f"{first}_bias", None) if getattr(m, "has_bias", False) else None
         step = max(1, _ALL_EXPERTS_CHUNK_ELEMS // max(1, x.shape[0] * w.shape[1]))
@@ -205,7 +206,7 @@ class ExpertsState:
                 h = h + bias[s:s + step].unsqueeze(1)
             h = m._apply_gate(h) if t.has_gate else m.act_fn(h)
             cur = self.in_amax[down][s:s + step]
-            torch.maximum(cur, h.abs().amax(dim=(1, 2)).float(), out=cur)
+            torch.maximum(cur, row_absmax(h.flatten(1)), out=cur)
 
     @torch.no_grad()
     def finalize(self, cache_fake_quant: bool = False) -> None:
@@ -308,7 +309,7 @@ class LinearState:
         if valid is not None:
             x = x.reshape(-1, x.shape[-1])[valid]
         if x.numel():
-            torch.maximum(self.in_amax, x.abs().amax().float(), out=self.in_amax)
+            torch.maximum(self.in_amax, row_absmax(x).amax(), out=self.in_amax)
         self.calls += 1
 
     @torch.no_grad()

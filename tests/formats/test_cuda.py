@@ -81,6 +81,9 @@ def test_mx(dtype, element):
     assert same(a.codes, b.codes) and same(a.scale, b.scale)
     assert same(mx.fake_quant(x, element), mx.fake_quant(x.cuda(), element))
     assert same(mx.dequantize(a.codes, a.scale, dtype), mx.dequantize(b.codes, b.scale, dtype))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_fp8_block(dtype):
     from moeq.formats import fp8_block
     from moeq.schemes.fp8_block import INPUT
@@ -90,3 +93,36 @@ def test_fp8_block(dtype):
     assert same(a.codes, b.codes) and same(a.scale, b.scale)
     assert same(fp8_block.fake_quant(x), fp8_block.fake_quant(x.cuda()))
     assert same(INPUT.fake_quant(x, None), INPUT.fake_quant(x.cuda(), None))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_compiled_kernels_match_cpu(monkeypatch, dtype):
+    """The Triton kernels (moeq/fused.py) give the CPU eager bits (a NaN's sign aside): IEEE
+    division, no flush of denormals, no x / const -> x * (1 / const)."""
+    from moeq import fused
+
+    from .test_fused import KERNELS, same
+    from .test_fused import sample as edge_sample
+
+    monkeypatch.setenv("MOEQ_COMPILE", "1")
+    for k in KERNELS.values():
+        monkeypatch.setattr(k, "min_numel", 0)
+        monkeypatch.setattr(k, "failed", False)
+    x = torch.cat([edge_sample(dtype, 37, 512), sample(dtype).reshape(-1, 512)])
+    gs_t, gs_row = nvfp4.global_scale(torch.tensor(40.0)), nvfp4.global_scale(x.float().abs().amax(-1, keepdim=True).nan_to_num(1.0, 1.0))
+    s_t = fp8.scale_from_amax(torch.tensor(30.0))
+    cases = {
+        "nvfp4": lambda d: nvfp4.fake_quant_with_global_scale(x.to(d), gs_t.to(d)),
+        "nvfp4 per row": lambda d: nvfp4.fake_quant_with_global_scale(x.to(d), gs_row.to(d)),
+        "fp8": lambda d: fp8.fake_quant_with_scale(x.to(d), s_t.to(d)),
+        "fp8-row": lambda d: fp8.fake_quant_per_row(x.to(d)),
+        "absmax": lambda d: fused.row_absmax(x.to(d)),
+    }
+    n = {k: v.compiled_calls for k, v in KERNELS.items()}
+    for name, fn in cases.items():
+        monkeypatch.setenv("MOEQ_COMPILE", "0")
+        ref = fn("cpu")
+        monkeypatch.setenv("MOEQ_COMPILE", "1")
+        got = fn("cuda")
+        assert got.device.type == "cuda" and same(ref, got.cpu()), name
+    assert all(KERNELS[k].compiled_calls > n[k] for k in KERNELS)
