@@ -17,7 +17,8 @@ fi
 export PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader | tee "$out/gpu.txt"
 python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)" | tee -a "$out/gpu.txt"
-python3 -m pytest -q -p no:cacheprovider tests/formats/test_cuda.py tests/formats/test_fused.py "tests/quantize/test_module_behaviour.py::test_move_to_cuda_after_quantize" 2>&1 | tail -5 | tee "$out/tests.txt"
+python3 -m pytest -q -p no:cacheprovider tests/formats/test_cuda.py tests/formats/test_fused.py "tests/quantize/test_module_behaviour.py::test_move_to_cuda_after_quantize" -rfE 2>&1 | tail -30 | tee "$out/tests.txt"
+python3 bench/bench_moe.py --dtype bfloat16 --device cuda --experts 64 256 --compile both --out "$out/bench_cuda_bf16.md" 2>&1 | tail -8
 python3 -m moeq.cli quantize --device cuda --dtype bfloat16 --out /tmp/demo-cuda --samples 16 --seq-len 128 2>&1 | grep -v "it/s\]" | tail -12 | tee "$out/demo.txt"
 python3 - <<'PY' 2>&1 | tail -3 | tee -a "$out/demo.txt"
 import torch, moeq
@@ -29,4 +30,3 @@ q = moeq.load("/tmp/demo-cuda").cuda()
 base = transformers.AutoModelForCausalLM.from_pretrained(DEMO_MODEL, dtype=torch.bfloat16).cuda()
 print("demo reload on cuda:", moeq.evaluate.compare(base, q, [ids]).as_dict())
 PY
-python3 bench/bench_moe.py --dtype bfloat16 --device cuda --experts 64 256 --compile both --out "$out/bench_cuda_bf16.md" 2>&1 | tail -8
