@@ -37,7 +37,9 @@ def round_to_values(x: torch.Tensor) -> torch.Tensor:
     a = x.abs().clamp_(max=FP4_MAX)
     step = (a >= 2).to(a.dtype).mul_(0.5).add_(0.5).add_(a >= 4)  # 0.5 / 1 / 2, cheaper than nested where
     v = torch.round(a / step).mul_(step)
-    return torch.where(x < 0, -v, v)  # same signed zeros as the code path
+    # same signed zeros as the code path (-0.0 for a negative x that rounds to 0). Not where(x < 0, -v, v):
+    # inductor lowers -v to 0 - v on CUDA, which gives +0.0 there (found on an H200, tests/formats/test_cuda.py)
+    return v.mul_(torch.where(x < 0, -1.0, 1.0))
 
 
 def decode(codes: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
