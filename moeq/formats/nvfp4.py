@@ -50,9 +50,10 @@ def _blocks(x: torch.Tensor, block_size: int) -> torch.Tensor:
     return x.float().unflatten(-1, (x.shape[-1] // block_size, block_size))
 
 
-def _quantize(x: torch.Tensor, gs: torch.Tensor, block_size: int) -> NVFP4Tensor:
+def _quantize(x: torch.Tensor, gs: torch.Tensor, block_size: int, block_amax=None) -> NVFP4Tensor:
     xb = _blocks(x, block_size)  # [..., N, K/B, B]
-    block_amax = xb.abs().amax(dim=-1)  # [..., N, K/B]
+    if block_amax is None:
+        block_amax = xb.abs().amax(dim=-1)  # [..., N, K/B]
     bs = (gs * div(block_amax, fp4.FP4_MAX)).clamp(SCALE_FLOOR, E4M3_MAX).to(torch.float8_e4m3fn)
     bs = torch.where(block_amax == 0, torch.ones_like(bs), bs)
     eff = bs.float() / gs
@@ -60,11 +61,13 @@ def _quantize(x: torch.Tensor, gs: torch.Tensor, block_size: int) -> NVFP4Tensor
     return NVFP4Tensor(codes.flatten(-2), bs, gs)
 
 
-def quantize(x: torch.Tensor, amax, block_size: int = BLOCK_SIZE) -> NVFP4Tensor:
-    """Quantize x [..., N, K] with per-tensor amax covering a prefix of x's dims."""
+def quantize(x: torch.Tensor, amax, block_size: int = BLOCK_SIZE, block_amax=None) -> NVFP4Tensor:
+    """Quantize x [..., N, K] with per-tensor amax covering a prefix of x's dims.
+    block_amax: float32 [..., N, K/B], the amax each block scale is computed from instead of
+    the block's own (a clipped amax from a calibration algorithm; elements beyond saturate)."""
     check_input(x, block_size)
     amax = torch.as_tensor(amax, dtype=torch.float32, device=x.device)
-    q = _quantize(x, global_scale(expand_amax(amax, x)), block_size)
+    q = _quantize(x, global_scale(expand_amax(amax, x)), block_size, block_amax)
     return q._replace(global_scale=q.global_scale.reshape(amax.shape))
 
 
@@ -77,19 +80,21 @@ def dequantize(codes, block_scale, global_scale, dtype=torch.float32, block_size
     return (vals * eff.unsqueeze(-1)).flatten(-2).to(dtype)
 
 
-def fake_quant_with_global_scale(x: torch.Tensor, gs: torch.Tensor, block_size: int = BLOCK_SIZE) -> torch.Tensor:
-    """Hot-path fake quant (no input checks); gs already shaped to broadcast against x."""
+def fake_quant_with_global_scale(x: torch.Tensor, gs: torch.Tensor, block_size: int = BLOCK_SIZE,
+                                 block_amax=None) -> torch.Tensor:
+    """Hot-path fake quant (no input checks); gs already shaped to broadcast against x;
+    block_amax as in `quantize`."""
     xb = _blocks(x, block_size)
-    block_amax = xb.abs().amax(dim=-1, keepdim=True)
+    block_amax = xb.abs().amax(dim=-1, keepdim=True) if block_amax is None else block_amax.float().unsqueeze(-1)
     bs = (gs.unsqueeze(-1) * div(block_amax, fp4.FP4_MAX)).clamp(SCALE_FLOOR, E4M3_MAX).to(torch.float8_e4m3fn)
     eff = torch.where(block_amax == 0, 1.0, bs.float()) / gs.unsqueeze(-1)
     return (fp4.round_to_values(xb / eff) * eff).flatten(-2).to(x.dtype)
 
 
-def fake_quant(x: torch.Tensor, amax, block_size: int = BLOCK_SIZE) -> torch.Tensor:
+def fake_quant(x: torch.Tensor, amax, block_size: int = BLOCK_SIZE, block_amax=None) -> torch.Tensor:
     """dequantize(quantize(x)), bit-exactly, in x's dtype."""
     check_input(x, block_size)
-    return fake_quant_with_global_scale(x, global_scale(expand_amax(amax, x)), block_size)
+    return fake_quant_with_global_scale(x, global_scale(expand_amax(amax, x)), block_size, block_amax)
 
 
 pack = fp4.pack
