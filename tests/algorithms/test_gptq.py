@@ -14,6 +14,9 @@ from moeq.quantizer import fake_quant_weight, unit_amax
 from .helpers import fresh, record_calls, routed_rows, spy_hessians, tm, unfused
 
 
+EXPERTS_ONLY = ["*.self_attn.*", "*.linear_attn.*", "*.shared_expert.*"]  # faster: GPTQ on the experts alone
+
+
 def reference_gptq(recipe, w: torch.Tensor, H: torch.Tensor, amax, group_amax) -> torch.Tensor:
     """Textbook GPTQ on one [N, K] weight, one column at a time (no blocks, no lazy updates),
     scales fixed from group_amax [N, K/g] (or amax for per-tensor schemes)."""
@@ -75,7 +78,8 @@ def test_act_order_is_a_permutation_of_the_problem():
 def test_one_expert_equals_reference_from_routed_rows(pristine, monkeypatch, impl):
     """moeq's GPTQ on a fused stack == the reference on expert e's own weight and the rows
     routed to it (Hessian built here by hand)."""
-    mt, recipe = "qwen3_5_moe", moeq.get_recipe("w4a16-int4")
+    mt = "qwen3_5_moe"
+    recipe = moeq.get_recipe("w4a16-int4").with_exclude(add=EXPERTS_ONLY)
     m = fresh(pristine(mt), impl)
     name, mod = tm.experts_modules(m)[0]
     w1, w2 = unfused(mod)
@@ -86,38 +90,55 @@ def test_one_expert_equals_reference_from_routed_rows(pristine, monkeypatch, imp
     finally:
         h.remove()
     new1, new2 = unfused(mod)
-    seen_any = False
+    checked = 0
     for e in range(w1.shape[0]):
+        if checked == 3:
+            break
         x, act = routed_rows(mod, mt, w1, calls, e)
         if x.shape[0] == 0:
             assert torch.equal(new1[e], w1[e]) and e in rep.rtn_fallback.get(name, [])
             continue
-        seen_any = True
+        checked += 1
         for w, new, rows in ((w1[e], new1[e], x), (w2[e], new2[e], act)):
             ref = reference_gptq(recipe, w, rows.T @ rows, None, unit_amax(recipe, w)).to(w.dtype)
             assert (new == ref).float().mean() > 0.99
-    assert seen_any
+    assert checked
 
 
-@pytest.mark.parametrize("preset,layout", [("w4a16-int4", "compressed-tensors"), ("nvfp4", "modelopt"),
-                                           ("fp8", "compressed-tensors")])
-@pytest.mark.parametrize("algorithm", ["gptq", "mse+gptq", "mse"])
-def test_export_loads_back_bit_exact(pristine, tmp_path, preset, layout, algorithm):
-    m = fresh(pristine("qwen3_5_moe"))
-    m = m.to(torch.bfloat16)
+@pytest.mark.parametrize("preset,layout,algorithm,dtype", [
+    ("w4a16-int4", "compressed-tensors", "gptq", torch.float32),
+    ("nvfp4", "modelopt", "mse+gptq", torch.float32),
+    ("fp8", "compressed-tensors", "mse", torch.float32),
+    ("w4a16-int4", "compressed-tensors", "mse+gptq", torch.bfloat16),
+    ("nvfp4", "compressed-tensors", "gptq", torch.bfloat16),
+])
+def test_export_loads_back_bit_exact(pristine, tmp_path, preset, layout, algorithm, dtype):
+    """fp32: moeq.load(export) logits == in-memory logits. bf16 (where rounding the GPTQ
+    values to the parameter dtype could break the round trip): loaded weights == in-memory
+    fake-quant weights (a bf16 tiny model's logits differ after load even for max, outside
+    the quantized weights)."""
+    m = fresh(pristine("qwen3_5_moe")).to(dtype)
     moeq.quantize(m, preset, [tm.random_input_ids(m, 2, 16, seed=1)], progress=False, algorithm=algorithm)
-    st = m.moeq_session.experts[0]
+    s = m.moeq_session
     if "gptq" in algorithm:  # the written-back weights are their own fake quant
-        for p, fq in st.fq_weight.items():
-            assert torch.equal(fq, st.target.param(p))
+        for st in [*s.experts, *s.linears.values()]:
+            for p, fq in st.fq_weight.items():
+                assert torch.equal(fq, getattr(st.target.module, p))
     ids = tm.random_input_ids(m, 1, 12, seed=3)
     with torch.no_grad():
         want = m(input_ids=ids, use_cache=False).logits
     moeq.export(m, tmp_path / "out", layout, progress=False)
     back = moeq.load(tmp_path / "out")
-    with torch.no_grad():
-        got = back(input_ids=ids, use_cache=False).logits
-    assert torch.equal(got, want)
+    sd = back.state_dict()
+    for st in s.experts:
+        for p, fq in st.fq_weight.items():
+            assert torch.equal(sd[f"{st.target.name}.{p}"].to(dtype), fq), (st.target.name, p)
+    for n, st in s.linears.items():
+        assert torch.equal(sd[f"{n}.weight"].to(dtype), st.fq_weight["weight"]), n
+    if dtype == torch.float32:
+        with torch.no_grad():
+            got = back(input_ids=ids, use_cache=False).logits
+        assert torch.equal(got, want)
 
 
 def test_experts_without_rows_fall_back_to_rtn(pristine):
