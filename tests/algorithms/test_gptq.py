@@ -25,7 +25,7 @@ def reference_gptq(recipe, w: torch.Tensor, H: torch.Tensor, amax, group_amax) -
     dead = torch.diag(H) == 0
     H[dead, dead] = 1
     W[:, dead] = 0
-    H += 0.01 * torch.mean(torch.diag(H)) * torch.eye(K, dtype=H.dtype)
+    H += gptq.PERCDAMP * torch.mean(torch.diag(H)) * torch.eye(K, dtype=H.dtype)
     U = torch.linalg.cholesky(torch.linalg.inv(H), upper=True)
     g = None if group_amax is None else K // group_amax.shape[-1]
     Q = torch.zeros_like(W)
