@@ -38,3 +38,12 @@ def test_report(pristine):
     rep = moeq.quantize(m, "w4a16-int4", [tm.random_input_ids(m, 2, 16, seed=1)], progress=False, algorithm="mse+gptq")
     assert rep.algorithm == "mse+gptq" and rep.algorithm_seconds > 0
     assert "algorithm mse+gptq" in rep.summary()
+
+
+def test_cli_refusals(capsys):
+    from moeq.cli import main
+
+    assert main(["quantize", "--algorithm", "awq"]) != 0
+    assert "AWQ" in capsys.readouterr().err
+    assert main(["quantize", "--algorithm", "gptq", "--streaming"]) != 0
+    assert "--streaming" in capsys.readouterr().err
