@@ -1,5 +1,7 @@
-"""Every algorithm beats max on the trained demo model (held-out KL against the unquantized
-model), quantizing the fused experts only to keep the test short."""
+"""GPTQ beats max on the trained demo model (held-out KL against the unquantized model),
+quantizing the fused experts only to keep the test short. Plain "mse" is not here: it
+lowers the weight reconstruction error (tests/algorithms/test_mse.py) but on this model
+not the KL (measured: experts-only nvfp4 0.00204 vs max 0.00184, int4 0.00120 vs 0.00107)."""
 
 from __future__ import annotations
 
@@ -35,6 +37,6 @@ def _kl(preset: str, algorithm: str) -> float:
     return compare(base, m, evalb).kl
 
 
-@pytest.mark.parametrize("preset,algorithm", [("w4a16-int4", "mse"), ("w4a16-int4", "gptq"), ("nvfp4", "mse+gptq")])
+@pytest.mark.parametrize("preset,algorithm", [("w4a16-int4", "gptq"), ("nvfp4", "mse+gptq")])
 def test_algorithm_beats_max_on_demo(preset, algorithm):
     assert _kl(preset, algorithm) < _kl(preset, "max")
