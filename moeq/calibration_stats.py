@@ -79,6 +79,10 @@ class ExpertsState:
         self.weights_are_fake_quant = False  # moeq.load: the parameters already hold dequantized weights
         self.cache: dict | None = None
         self.in_param: dict[str, torch.Tensor] = {}
+        # set by calibration algorithms (moeq.algorithms): fixed per-unit scale amax [E, N, K/g]
+        self.group_amax: dict[str, torch.Tensor] = {}
+        # callables (proj, x [S, K], expert ids [S], valid [S] | None) fed every routed row (GPTQ Hessians)
+        self.sinks: list = []
 
     @torch.no_grad()
     def observe(self, proj: str, xk: torch.Tensor, rows, valid_rows: torch.Tensor | None = None) -> None:
@@ -86,6 +90,8 @@ class ExpertsState:
         valid_rows: [S] mask of real (token, expert) rows for "ids" (False = EP sentinel)."""
         kind, r = rows
         amax, first = self.in_amax[proj], proj == self.target.projs[0]
+        if self.sinks:
+            self._feed_rows(proj, xk, rows, valid_rows)
         if kind == "one":
             amax[r] = torch.maximum(amax[r], row_absmax(xk).amax())
             if first:
@@ -105,6 +111,27 @@ class ExpertsState:
                 ones = torch.ones_like(ids) if valid is None else valid.long()
                 self.tokens.scatter_add_(0, ids, ones)
         self.calls += 1
+
+    def _feed_rows(self, proj: str, xk: torch.Tensor, rows, valid_rows) -> None:
+        """The matmul's input rows [S, K] with their expert ids, to every sink."""
+        kind, r = rows
+        K = xk.shape[-1]
+        valid = None
+        if kind == "one":
+            x = xk.reshape(-1, K)
+            ids = torch.full((x.shape[0],), int(r), dtype=torch.int64, device=x.device)
+        elif kind == "ids":
+            ids = r.long()
+            x = xk.reshape(ids.numel(), -1, K)
+            per = x.shape[1]
+            if valid_rows is not None and valid_rows.numel() == ids.numel():
+                valid = valid_rows.repeat_interleave(per)
+            x, ids = x.reshape(-1, K), ids.repeat_interleave(per)
+        else:
+            x = xk.reshape(-1, K)
+            ids, valid = _rows_to_ids(rows, x.shape[0], self.target.num_experts, x.device)
+        for sink in self.sinks:
+            sink(proj, x, ids, valid)
 
     def _inputs(self, args, kwargs):
         """(hidden_states, routing indices or None) of an experts forward call."""
@@ -189,6 +216,11 @@ class ExpertsState:
         ids = ids.clamp(max=E - 1).flatten()
         self.in_amax[first].scatter_reduce_(0, ids, per, "amax")
         self.tokens.scatter_add_(0, ids, valid.flatten().long())
+        if self.sinks:  # every (token, routed expert) pair is one row of the first projection's input
+            k = valid.shape[1]
+            rows = x.unsqueeze(1).expand(x.shape[0], k, x.shape[1]).reshape(-1, x.shape[1])
+            for sink in self.sinks:
+                sink(first, rows, ids, valid.flatten())
 
     @torch.no_grad()
     def observe_all_experts(self, hidden: torch.Tensor) -> None:
@@ -245,9 +277,11 @@ class ExpertsState:
             return w if expert is None else w[expert]
         t, r = self.target, self.recipe
         amax = self.w_amax[proj].to(w.device)
+        ga = self.group_amax.get(proj)
+        ga = None if ga is None else ga.to(w.device)
         if expert is not None:
             w_nk = w[expert].transpose(-2, -1) if t.is_transposed else w[expert]
-            fq = fake_quant_weight(r, w_nk, amax[expert]).to(w.dtype)
+            fq = fake_quant_weight(r, w_nk, amax[expert], None if ga is None else ga[expert]).to(w.dtype)
             return (fq.transpose(-2, -1) if t.is_transposed else fq).contiguous()
         key = (w.data_ptr(), w._version, w.dtype, w.device, tuple(w.shape))
         if self.cache is not None and proj in self.cache and self.cache[proj][0] == key:
@@ -256,7 +290,8 @@ class ExpertsState:
         fq = torch.empty_like(w_nk)
         step = max(1, _FQ_CHUNK_ELEMS // max(1, w_nk[0].numel()))
         for s in range(0, w_nk.shape[0], step):
-            fq[s:s + step] = fake_quant_weight(r, w_nk[s:s + step], amax[s:s + step])
+            fq[s:s + step] = fake_quant_weight(r, w_nk[s:s + step], amax[s:s + step],
+                                               None if ga is None else ga[s:s + step])
         fq = t.from_nk(fq)
         if self.cache is not None:
             self.cache[proj] = (key, fq)
@@ -302,6 +337,8 @@ class LinearState:
         self.cache: dict | None = None
         self.in_param: torch.Tensor | None = None
         self.shared_in_amax: torch.Tensor | None = None
+        self.group_amax: torch.Tensor | None = None  # see ExpertsState.group_amax; [N, K/g]
+        self.sinks: list = []  # see ExpertsState.sinks; called with proj "weight", ids None
 
     @torch.no_grad()
     def observe(self, x: torch.Tensor) -> None:
@@ -310,6 +347,8 @@ class LinearState:
             x = x.reshape(-1, x.shape[-1])[valid]
         if x.numel():
             torch.maximum(self.in_amax, row_absmax(x).amax(), out=self.in_amax)
+            for sink in self.sinks:
+                sink("weight", x.reshape(-1, x.shape[-1]), None, None)
         self.calls += 1
 
     @torch.no_grad()
@@ -334,7 +373,8 @@ class LinearState:
         key = (w.data_ptr(), w._version, w.dtype, w.device, tuple(w.shape))
         if self.cache is not None and proj in self.cache and self.cache[proj][0] == key:
             return self.cache[proj][1]
-        fq = fake_quant_weight(self.recipe, w.detach(), self.w_amax.to(w.device)).to(w.dtype)
+        ga = None if self.group_amax is None else self.group_amax.to(w.device)
+        fq = fake_quant_weight(self.recipe, w.detach(), self.w_amax.to(w.device), ga).to(w.dtype)
         if self.cache is not None:
             self.cache[proj] = (key, fq)
         return fq

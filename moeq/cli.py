@@ -74,6 +74,9 @@ def cmd_quantize_streaming(a, path: Path, out: Path, rank: int, world: int) -> i
 
     if a.eval:
         raise CliError("--eval needs the whole model in memory; with --streaming run `moeq eval` afterwards")
+    if a.algorithm != "max":
+        raise CliError(f"--algorithm {a.algorithm} is not supported with --streaming yet (layer-by-layer calibration runs "
+                       f"max only); drop --streaming (the model must fit in memory) or use --algorithm max")
     t0 = time.perf_counter()
     tok = transformers.AutoTokenizer.from_pretrained(path)
     config = transformers.AutoConfig.from_pretrained(path)
@@ -118,6 +121,15 @@ def cmd_quantize(a) -> int:
         raise CliError("--eval needs --eval-data FILE for a non-demo model (held-out text, not the calibration text)")
     if a.streaming and a.eval:
         raise CliError("--eval needs the whole model in memory; with --streaming run `moeq eval` afterwards")
+    from .algorithms import name as algorithm_name, parse as parse_algorithm
+
+    try:
+        a.algorithm = algorithm_name(parse_algorithm(a.algorithm))
+    except (ValueError, NotImplementedError) as e:
+        raise CliError(str(e)) from e
+    if a.streaming and a.algorithm != "max":
+        raise CliError(f"--algorithm {a.algorithm} is not supported with --streaming yet (layer-by-layer calibration runs "
+                       f"max only); drop --streaming (the model must fit in memory) or use --algorithm max")
     calib_src = "demo" if a.calib == "demo" else a.calib
     try:  # read (and validate) the text before loading anything heavy
         D.read_text(calib_src)
@@ -132,6 +144,9 @@ def cmd_quantize(a) -> int:
     from .coverage import write_coverage
 
     rank, world = _init_distributed()
+    if world > 1 and a.algorithm != "max":
+        raise CliError(f"--algorithm {a.algorithm} is not supported in multi-process runs (torchrun) yet; "
+                       f"run one process or use --algorithm max")
     import torch
 
     from .quantization import free_bytes
@@ -157,7 +172,8 @@ def cmd_quantize(a) -> int:
     calib = D.batches(windows, a.batch_size)
     base = copy.deepcopy(model) if a.eval else None
     recipe = _recipe(a)
-    report = moeq.quantize(model, recipe, calib, calib_all_experts=a.calib_all_experts, layout=a.layout)
+    report = moeq.quantize(model, recipe, calib, calib_all_experts=a.calib_all_experts, layout=a.layout,
+                           algorithm=a.algorithm)
     if rank != 0:
         return 0  # statistics were reduced across ranks inside quantize; rank 0 writes
     ev = moeq.evaluate.compare(base, model, evalb, progress=True) if a.eval else None
@@ -168,8 +184,10 @@ def cmd_quantize(a) -> int:
     lines = [
         "",
         f"moeq quantize: {path} -> {out}",
-        f"  recipe / layout      {recipe.name} / {a.layout}",
-        f"  time                 {dt:.1f}s (calibration {report.calib_seconds:.1f}s, export {exp.seconds:.1f}s)",
+        f"  recipe / layout      {recipe.name} / {a.layout}" + (f" / {report.algorithm}" if report.algorithm != "max" else ""),
+        f"  time                 {dt:.1f}s (calibration {report.calib_seconds:.1f}s"
+        + (f", {report.algorithm} {report.algorithm_seconds:.1f}s" if report.algorithm != "max" else "")
+        + f", export {exp.seconds:.1f}s)",
         f"  tokens calibrated    {report.calib_tokens} ({report.calib_batches} batches of {a.batch_size} x {a.seq_len})",
         f"  modules              {len(report.quantized)} quantized, {len(report.excluded)} excluded",
         f"  experts never routed {never}" + (f" (see {png})" if never and png else ""),
@@ -253,6 +271,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--out", help="output directory (default ./moeq-<model>-<recipe>)")
     q.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
     q.add_argument("--calib-all-experts", action="store_true", help="every expert's statistics see every token")
+    q.add_argument("--algorithm", default="max",
+                   help="calibration algorithm: max (default), mse (clipping search per scale), gptq (error-compensated "
+                        "weights from per-expert Hessians), or a combination such as mse+gptq")
     q.add_argument("--trust-remote-code", action="store_true",
                    help="carry the model's own .py files and auto_map into the export (left out by default)")
     q.add_argument("--exclude", action="append", default=[], help="extra fnmatch pattern of modules to leave unquantized")

@@ -41,6 +41,9 @@ class QuantReport:
     calib_seconds: float = 0.0
     calib_all_experts: bool = False
     warnings: list[str] = field(default_factory=list)
+    algorithm: str = "max"  # calibration algorithm (moeq.algorithms): max | mse | gptq | mse+gptq
+    algorithm_seconds: float = 0.0  # time of the algorithm's own step after the calibration forwards
+    rtn_fallback: dict[str, list[int]] = field(default_factory=dict)  # GPTQ: experts without rows, left to RTN
 
     def summary(self) -> str:
         n_never = sum(len(v) for v in self.never_routed.values())
@@ -51,6 +54,10 @@ class QuantReport:
             f"experts never routed: {n_never}"
             + "".join(f"\n  {k}: {v}" for k, v in self.never_routed.items() if v),
         ]
+        if self.algorithm != "max":
+            n_rtn = sum(len(v) for v in self.rtn_fallback.values())
+            lines.append(f"algorithm {self.algorithm}: {self.algorithm_seconds:.2f}s"
+                         + (f", {n_rtn} round-to-nearest fallbacks (no calibration rows)" if n_rtn else ""))
         return "\n".join(lines + [f"warning: {w}" for w in self.warnings])
 
 
@@ -68,6 +75,7 @@ class Session:
         self.hooks = Hooks()
         self.report: QuantReport | None = None
         self.from_checkpoint = False  # True for moeq.load: fake-quant weights only, originals gone
+        self.hessians: dict = {}  # GPTQ's per-module Hessian sinks during calibration (moeq.algorithms.gptq)
 
     def attach(self, calib_all_experts: bool) -> None:
         for st in self.experts:
@@ -262,6 +270,7 @@ def quantize(
     cache_weights: bool | None = None,
     progress: bool = True,
     layout: str | None = None,
+    algorithm: "str | tuple[str, ...]" = "max",
 ) -> QuantReport:
     """Quantize `model` in place (fake-quant) and return a report.
 
@@ -276,7 +285,13 @@ def quantize(
     weights' device and the parameters are not sharded (FSDP2).
     layout: the export layout to check before calibration (a combination vLLM cannot load is
     refused here instead of at export).
+    algorithm: "max" (default: scales from each weight's amax), "mse" (clipping search per
+    scale unit), "gptq" (error-compensated weights from per-expert Hessians; needs
+    calib_data), or a combination "mse+gptq" / ("mse", "gptq"); see moeq.algorithms.
     """
+    from . import algorithms
+
+    steps = algorithms.parse(algorithm)
     recipe = get_recipe(recipe)
     model = unwrap(model)
     if getattr(model, SESSION_ATTR, None) is not None:
@@ -299,6 +314,12 @@ def quantize(
         raise ValueError(f"recipe {recipe.name} quantizes activations and needs calib_data for their scales")
     if calib_data is None and recipe.kv_cache is not None:
         raise ValueError(f"kv_cache={recipe.kv_cache!r} needs calib_data: its k/v scales are static, from calibration")
+    algorithms.check_supported(steps, recipe)
+    if "gptq" in steps and calib_data is None:
+        raise ValueError("algorithm 'gptq' needs calib_data (its Hessians come from the calibration activations)")
+    if steps and _world_size() > 1:
+        raise NotImplementedError(f"algorithm {algorithms.name(steps)!r} is not supported in multi-process runs "
+                                  f"(torchrun) yet; run it in one process or use algorithm='max'")
 
     session = Session(model, recipe, targets)
     report = QuantReport(
@@ -306,9 +327,11 @@ def quantize(
         quantized=[t.name for t in targets.experts] + [t.name for t in targets.linears],
         excluded=list(targets.excluded),
         tokens_per_expert={}, never_routed={}, calib_all_experts=calib_all_experts,
+        algorithm=algorithms.name(steps),
     )
     session.attach(calib_all_experts)
     try:
+        algorithms.prepare(session, steps)
         was_training = model.training
         model.eval()
         try:
@@ -322,6 +345,10 @@ def quantize(
         report.calib_tokens, report.calib_batches = _sum_over_ranks(report.calib_tokens, report.calib_batches)
         _check_coverage(session, report, calibrated=True)
         session.finalize(cache_fake_quant=_decide_cache(targets, cache_weights))
+        if steps:
+            t0 = time.perf_counter()
+            algorithms.run(session, steps, report)
+            report.algorithm_seconds = time.perf_counter() - t0
     except BaseException:
         session.detach()
         raise
@@ -409,6 +436,12 @@ def _probe_forward(model: nn.Module) -> None:
         raise ValueError(f"weight-only quantization without calibration data runs one probe forward on {n} token ids to "
                          f"check that every quantized weight is used; it failed ({type(e).__name__}: {e}). "
                          f"Pass calib_data") from e
+
+
+def _world_size() -> int:
+    import torch.distributed as dist
+
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
 def _sum_over_ranks(*counts: int) -> tuple[int, ...]:

@@ -15,13 +15,29 @@ from .recipes import Recipe
 from .schemes.table import INPUT, WEIGHT
 
 
-def fake_quant_weight(recipe: Recipe, w_nk: torch.Tensor, amax: torch.Tensor) -> torch.Tensor:
-    return WEIGHT[recipe.weight].fake_quant(w_nk, amax, recipe.group_size)
+def fake_quant_weight(recipe: Recipe, w_nk: torch.Tensor, amax: torch.Tensor, group_amax=None) -> torch.Tensor:
+    """group_amax: None (scales from the weight itself, max calibration) or float32
+    [..., N, K/g] fixed by a calibration algorithm (see WeightScheme.unit_amax)."""
+    if group_amax is None:
+        return WEIGHT[recipe.weight].fake_quant(w_nk, amax, recipe.group_size)
+    return WEIGHT[recipe.weight].fake_quant(w_nk, amax, recipe.group_size, group_amax=group_amax)
 
 
-def quantize_weight(recipe: Recipe, w_nk: torch.Tensor, amax: torch.Tensor):
+def quantize_weight(recipe: Recipe, w_nk: torch.Tensor, amax: torch.Tensor, group_amax=None):
     """-> NVFP4Tensor | FP8Tensor | Int4Tensor, the on-disk pieces of one weight."""
-    return WEIGHT[recipe.weight].quantize(w_nk, amax, recipe.group_size)
+    if group_amax is None:
+        return WEIGHT[recipe.weight].quantize(w_nk, amax, recipe.group_size)
+    return WEIGHT[recipe.weight].quantize(w_nk, amax, recipe.group_size, group_amax=group_amax)
+
+
+def unit_amax(recipe: Recipe, w_nk: torch.Tensor) -> torch.Tensor | None:
+    """The weight's own amax per scale unit [..., N, K/g], or None for per-tensor schemes."""
+    f = WEIGHT[recipe.weight].unit_amax
+    return None if f is None else f(w_nk, recipe.group_size)
+
+
+def weight_granularity(recipe: Recipe) -> str:
+    return WEIGHT[recipe.weight].granularity
 
 
 def input_is_static(recipe: Recipe) -> bool:

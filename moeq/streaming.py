@@ -174,12 +174,17 @@ def quantize_streaming(model_path, recipe: "str | Recipe", calib_batches, out_di
                        calib_all_experts: bool = False, overwrite: bool = False, device: str = "cpu", dtype=None,
                        max_shard_bytes: int = DEFAULT_SHARD_BYTES, progress: bool = True, write: bool = True,
                        stop_after_layers: int | None = None,
-                       trust_remote_code: bool = False) -> tuple[QuantReport, ExportReport | None]:
+                       trust_remote_code: bool = False, algorithm: str = "max") -> tuple[QuantReport, ExportReport | None]:
     """Quantize and export a checkpoint directory layer by layer. `write=False` on
     non-zero ranks of a multi-process run (rank 0 writes). `stop_after_layers` simulates
     an interruption (tests). `overwrite` replaces an earlier moeq export (never the source
     model) and discards a partial run made with other options; a partial run made with the
     same options is resumed either way. `trust_remote_code`: as in `moeq.export`."""
+    from .algorithms import name as algorithm_name, parse as parse_algorithm
+
+    if parse_algorithm(algorithm):
+        raise NotImplementedError(f"algorithm {algorithm_name(parse_algorithm(algorithm))!r} is not supported by streaming "
+                                  f"quantization yet (it calibrates with max); use moeq.quantize on a model in memory")
     t0 = time.perf_counter()
     path, out = Path(model_path), Path(out_dir)
     recipe = get_recipe(recipe)

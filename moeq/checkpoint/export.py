@@ -173,12 +173,13 @@ def _write_experts(w, layout, recipe, st, proj: str, pieces: list[Piece]):
     t = st.target
     w_nk = t.nk(proj, full(t.param(proj).detach()))
     amax = st.w_amax[proj]
+    ga = st.group_amax.get(proj)  # fixed by a calibration algorithm (mse, gptq), else None
     in_amax = st.input_amax(proj) if recipe.input is not None else None
     E, N, K = w_nk.shape
     units = expert_units(t, proj, pieces)
     step = max(1, _CHUNK_BYTES // max(1, N * K * 4))
     for s in range(0, E, step):
-        q = quantize_weight(recipe, w_nk[s:s + step], amax[s:s + step])
+        q = quantize_weight(recipe, w_nk[s:s + step], amax[s:s + step], None if ga is None else ga[s:s + step])
         for u in units:
             if s <= u.expert < s + step:
                 e = u.expert
@@ -190,7 +191,7 @@ def _write_experts(w, layout, recipe, st, proj: str, pieces: list[Piece]):
 
 def _write_linear(w, layout, recipe, st, pieces: list[Piece]):
     weight = full(st.target.module.weight.detach())
-    q = quantize_weight(recipe, weight, st.w_amax)
+    q = quantize_weight(recipe, weight, st.w_amax, st.group_amax)
     in_amax = st.shared_in_amax if recipe.input is not None else None
     for piece in pieces:
         if not piece.key.endswith(".weight"):

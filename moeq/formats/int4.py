@@ -27,8 +27,11 @@ class Int4Tensor(NamedTuple):
     scale: torch.Tensor  # scale_dtype [..., N, K / group_size]
 
 
-def _group_scale(x: torch.Tensor, group_size: int, scale_dtype) -> torch.Tensor:
-    gamax = x.unflatten(-1, (x.shape[-1] // group_size, group_size)).abs().amax(dim=-1)
+def _group_scale(x: torch.Tensor, group_size: int, scale_dtype, group_amax=None) -> torch.Tensor:
+    if group_amax is None:
+        gamax = x.unflatten(-1, (x.shape[-1] // group_size, group_size)).abs().amax(dim=-1)
+    else:
+        gamax = group_amax
     scale = div(gamax.float(), _HALF_RANGE).to(scale_dtype or x.dtype)
     return torch.where(scale == 0, torch.ones_like(scale), scale)
 
@@ -39,10 +42,12 @@ def _codes(x: torch.Tensor, scale: torch.Tensor, group_size: int) -> torch.Tenso
     return q.flatten(-2).to(torch.int8)
 
 
-def quantize(x: torch.Tensor, group_size: int = GROUP_SIZE, scale_dtype=None) -> Int4Tensor:
-    """x [..., N, K] -> codes int8 [..., N, K], scale [..., N, K/group_size]."""
+def quantize(x: torch.Tensor, group_size: int = GROUP_SIZE, scale_dtype=None, group_amax=None) -> Int4Tensor:
+    """x [..., N, K] -> codes int8 [..., N, K], scale [..., N, K/group_size].
+    group_amax: float32 [..., N, K/group_size], the amax each scale is computed from instead
+    of the group's own (a clipped amax from a calibration algorithm; codes saturate)."""
     check_input(x, group_size)
-    scale = _group_scale(x, group_size, scale_dtype)
+    scale = _group_scale(x, group_size, scale_dtype, group_amax)
     return Int4Tensor(_codes(x, scale, group_size), scale)
 
 
@@ -52,8 +57,8 @@ def dequantize(codes: torch.Tensor, scale: torch.Tensor, dtype=torch.float32) ->
     return (q * scale.unsqueeze(-1)).flatten(-2).to(dtype)
 
 
-def fake_quant(x: torch.Tensor, group_size: int = GROUP_SIZE, scale_dtype=None) -> torch.Tensor:
-    q = quantize(x, group_size, scale_dtype)
+def fake_quant(x: torch.Tensor, group_size: int = GROUP_SIZE, scale_dtype=None, group_amax=None) -> torch.Tensor:
+    q = quantize(x, group_size, scale_dtype, group_amax)
     return dequantize(q.codes, q.scale, x.dtype)
 
 

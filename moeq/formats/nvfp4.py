@@ -51,9 +51,10 @@ def _blocks(x: torch.Tensor, block_size: int) -> torch.Tensor:
     return x.float().unflatten(-1, (x.shape[-1] // block_size, block_size))
 
 
-def _quantize(x: torch.Tensor, gs: torch.Tensor, block_size: int) -> NVFP4Tensor:
+def _quantize(x: torch.Tensor, gs: torch.Tensor, block_size: int, block_amax=None) -> NVFP4Tensor:
     xb = _blocks(x, block_size)  # [..., N, K/B, B]
-    block_amax = xb.abs().amax(dim=-1)  # [..., N, K/B]
+    if block_amax is None:
+        block_amax = xb.abs().amax(dim=-1)  # [..., N, K/B]
     bs = (gs * div(block_amax, fp4.FP4_MAX)).clamp(SCALE_FLOOR, E4M3_MAX).to(torch.float8_e4m3fn)
     bs = torch.where(block_amax == 0, torch.ones_like(bs), bs)
     eff = bs.float() / gs
@@ -61,11 +62,13 @@ def _quantize(x: torch.Tensor, gs: torch.Tensor, block_size: int) -> NVFP4Tensor
     return NVFP4Tensor(codes.flatten(-2), bs, gs)
 
 
-def quantize(x: torch.Tensor, amax, block_size: int = BLOCK_SIZE) -> NVFP4Tensor:
-    """Quantize x [..., N, K] with per-tensor amax covering a prefix of x's dims."""
+def quantize(x: torch.Tensor, amax, block_size: int = BLOCK_SIZE, block_amax=None) -> NVFP4Tensor:
+    """Quantize x [..., N, K] with per-tensor amax covering a prefix of x's dims.
+    block_amax: float32 [..., N, K/B], the amax each block scale is computed from instead of
+    the block's own (a clipped amax from a calibration algorithm; elements beyond saturate)."""
     check_input(x, block_size)
     amax = torch.as_tensor(amax, dtype=torch.float32, device=x.device)
-    q = _quantize(x, global_scale(expand_amax(amax, x)), block_size)
+    q = _quantize(x, global_scale(expand_amax(amax, x)), block_size, block_amax)
     return q._replace(global_scale=q.global_scale.reshape(amax.shape))
 
 
@@ -78,30 +81,40 @@ def dequantize(codes, block_scale, global_scale, dtype=torch.float32, block_size
     return (vals * eff.unsqueeze(-1)).flatten(-2).to(dtype)
 
 
+def _fq_with_amax(xf: torch.Tensor, gs: torch.Tensor, block_amax: torch.Tensor, fp4_max: torch.Tensor) -> torch.Tensor:
+    """xf [R, K/B, B] float32, block_amax [R, K/B, 1] -> fake quant in float32."""
+    bs = (gs * (block_amax / fp4_max)).clamp(SCALE_FLOOR, E4M3_MAX).to(torch.float8_e4m3fn)
+    eff = torch.where(block_amax == 0, 1.0, bs.float()) / gs
+    return fp4.round_to_values(xf / eff) * eff
+
+
 def _fq_blocks(xb: torch.Tensor, gs: torch.Tensor, fp4_max: torch.Tensor) -> torch.Tensor:
     """The fused kernel: xb [R, K/B, B] (x's dtype), gs [R, 1, 1] float32, fp4_max the 0-d
     float32 6.0 (a tensor: a compiler keeps x / 6 a division) -> fake quant, xb's shape/dtype."""
     xf = xb.float()
-    block_amax = xf.abs().amax(dim=-1, keepdim=True)
-    bs = (gs * (block_amax / fp4_max)).clamp(SCALE_FLOOR, E4M3_MAX).to(torch.float8_e4m3fn)
-    eff = torch.where(block_amax == 0, 1.0, bs.float()) / gs
-    return (fp4.round_to_values(xf / eff) * eff).to(xb.dtype)
+    return _fq_with_amax(xf, gs, xf.abs().amax(dim=-1, keepdim=True), fp4_max).to(xb.dtype)
 
 
 _FQ = Fused(_fq_blocks, "nvfp4 fake quant", static_last=True)
 
 
-def fake_quant_with_global_scale(x: torch.Tensor, gs: torch.Tensor, block_size: int = BLOCK_SIZE) -> torch.Tensor:
+def fake_quant_with_global_scale(x: torch.Tensor, gs: torch.Tensor, block_size: int = BLOCK_SIZE,
+                                 block_amax=None) -> torch.Tensor:
     """Hot-path fake quant (no input checks); gs already shaped to broadcast against x.
-    One fused pass over x where compiled (`moeq.fused`), bit-identical to eager."""
+    One fused pass over x where compiled (`moeq.fused`), bit-identical to eager.
+    block_amax as in `quantize` (fixed per-block amax, from a calibration algorithm: eager)."""
     xb = rows(x).unflatten(-1, (x.shape[-1] // block_size, block_size))
-    return _FQ(xb, per_row(gs, x, extra=1), const(fp4.FP4_MAX, x.device)).reshape(x.shape)
+    fp4_max, g = const(fp4.FP4_MAX, x.device), per_row(gs, x, extra=1)
+    if block_amax is None:
+        return _FQ(xb, g, fp4_max).reshape(x.shape)
+    ba = block_amax.float().reshape(xb.shape[0], xb.shape[1], 1)
+    return _fq_with_amax(xb.float(), g, ba, fp4_max).to(x.dtype).reshape(x.shape)
 
 
-def fake_quant(x: torch.Tensor, amax, block_size: int = BLOCK_SIZE) -> torch.Tensor:
+def fake_quant(x: torch.Tensor, amax, block_size: int = BLOCK_SIZE, block_amax=None) -> torch.Tensor:
     """dequantize(quantize(x)), bit-exactly, in x's dtype."""
     check_input(x, block_size)
-    return fake_quant_with_global_scale(x, global_scale(expand_amax(amax, x)), block_size)
+    return fake_quant_with_global_scale(x, global_scale(expand_amax(amax, x)), block_size, block_amax)
 
 
 pack = fp4.pack

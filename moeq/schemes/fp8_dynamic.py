@@ -24,13 +24,21 @@ def row_amax(x: torch.Tensor) -> torch.Tensor:
     return torch.maximum(x.amax(dim=-1), -x.amin(dim=-1)).float()
 
 
-def _quantize(w, amax, group_size):
-    q = fp8.quantize(w, row_amax(w))
+def _rows(w, group_amax):
+    return row_amax(w) if group_amax is None else group_amax.squeeze(-1)
+
+
+def _quantize(w, amax, group_size, group_amax=None):
+    q = fp8.quantize(w, _rows(w, group_amax))
     return q._replace(scale=q.scale.unsqueeze(-1))  # [..., N, 1]
 
 
-def _fake_quant(w, amax, group_size):
-    return fp8.fake_quant(w, row_amax(w))
+def _fake_quant(w, amax, group_size, group_amax=None):
+    return fp8.fake_quant(w, _rows(w, group_amax))
+
+
+def _unit_amax(w, group_size):
+    return row_amax(w).unsqueeze(-1)  # [..., N, 1]: one unit = one row
 
 
 def _tensors(layout, q, amax, n_k):
@@ -49,7 +57,7 @@ def _check(c, layout, group_size):
 
 
 WEIGHT = WeightScheme("fp8-channel", "channel", lambda g: 1, _quantize, _fake_quant, _tensors, _read, _check,
-                      ct_format="float-quantized")
+                      ct_format="float-quantized", unit_amax=_unit_amax)
 
 
 def fake_quant_per_token(x: torch.Tensor, param=None) -> torch.Tensor:

@@ -9,15 +9,19 @@ from __future__ import annotations
 import torch
 
 from ..formats import int4
-from .spec import WeightScheme
+from .spec import WeightScheme, group_abs_amax
 
 
-def _quantize(w, amax, group_size):
-    return int4.quantize(w, group_size)
+def _group(w, group_size, group_amax):
+    return group_size if group_amax is None else w.shape[-1] // group_amax.shape[-1]
 
 
-def _fake_quant(w, amax, group_size):
-    return int4.fake_quant(w, group_size)
+def _quantize(w, amax, group_size, group_amax=None):
+    return int4.quantize(w, _group(w, group_size, group_amax), group_amax=group_amax)
+
+
+def _fake_quant(w, amax, group_size, group_amax=None):
+    return int4.fake_quant(w, _group(w, group_size, group_amax), group_amax=group_amax)
 
 
 def _tensors(layout, q, amax, n_k):
@@ -49,4 +53,4 @@ def _check(c, layout, group_size):
 
 
 WEIGHT = WeightScheme("int4", "group", lambda g: g, _quantize, _fake_quant, _tensors, _read, _check,
-                      ct_format="pack-quantized")
+                      ct_format="pack-quantized", unit_amax=group_abs_amax)

@@ -10,15 +10,23 @@ from __future__ import annotations
 import torch
 
 from ..formats import nvfp4
-from .spec import CT, InputScheme, WeightScheme
+from .spec import CT, InputScheme, WeightScheme, group_abs_amax
 
 
-def _quantize(w, amax, group_size):
-    return nvfp4.quantize(w, amax)
+def _block(w, group_amax):
+    return nvfp4.BLOCK_SIZE if group_amax is None else w.shape[-1] // group_amax.shape[-1]
 
 
-def _fake_quant(w, amax, group_size):
-    return nvfp4.fake_quant(w, amax)
+def _quantize(w, amax, group_size, group_amax=None):
+    return nvfp4.quantize(w, amax, _block(w, group_amax), group_amax)
+
+
+def _fake_quant(w, amax, group_size, group_amax=None):
+    return nvfp4.fake_quant(w, amax, _block(w, group_amax), group_amax)
+
+
+def _unit_amax(w, group_size):
+    return group_abs_amax(w, nvfp4.BLOCK_SIZE)
 
 
 def _tensors(layout, q, amax, n_k):
@@ -49,7 +57,7 @@ def _check(c, layout, group_size):
 
 
 WEIGHT = WeightScheme("nvfp4", "tensor_group", lambda g: g, _quantize, _fake_quant, _tensors, _read, _check,
-                      ct_format="nvfp4-pack-quantized")
+                      ct_format="nvfp4-pack-quantized", unit_amax=_unit_amax)
 
 
 def _input_tensors(layout, amax):

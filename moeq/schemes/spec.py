@@ -15,6 +15,12 @@ from typing import Callable
 
 import torch
 
+
+def group_abs_amax(w: torch.Tensor, group_size: int) -> torch.Tensor:
+    """max |w| per group of `group_size` along K: float32 [..., N, K/group_size]."""
+    g = w.unflatten(-1, (w.shape[-1] // group_size, group_size))
+    return torch.maximum(g.amax(dim=-1), -g.amin(dim=-1)).float()
+
 CT = "compressed-tensors"
 
 
@@ -31,6 +37,11 @@ class WeightScheme:
     quantize(w, amax, group_size) -> NamedTuple of on-disk pieces (stacked like w)
     fake_quant(w, amax, group_size) -> dequantize(quantize(w)) in w's dtype, bit-exactly
     tensors(layout, q, amax, (n, k)) -> {suffix: tensor} of one [N, K] module (q sliced to it)
+    unit_amax(w, group_size) -> float32 [..., N, K/g]: the amax each sub-tensor scale (block,
+        group, row) is computed from; schemes that have it accept `group_amax=` of that shape
+        in quantize / fake_quant (g = K / group_amax.shape[-1]) instead of the weight's own:
+        how calibration algorithms (moeq.algorithms) fix or clip those scales. None for
+        "tensor" granularity, where `amax` is the only scale parameter.
     """
 
     name: str
@@ -44,6 +55,7 @@ class WeightScheme:
     ct_format: str  # compressed-tensors' compression format name
     rows: int = 1  # row alignment: checkpoint modules split from one weight, and modules an engine
     # fuses (all but the last), must have N divisible by this (block scales span rows)
+    unit_amax: Callable | None = None
 
 
 @dataclass(frozen=True)

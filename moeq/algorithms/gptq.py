@@ -1,0 +1,220 @@
+"""GPTQ on fused experts, vectorized over experts: per-expert Hessians from exactly the rows
+routed to each expert, and error-compensated column-wise quantization of the stacked weight.
+
+Hessians: H_e = X_e^T X_e (float32 [E, K, K] per projection) where X_e are the rows the
+expert's matmul saw during calibration: for gate_up the hidden states of the tokens routed
+to e, for down the activated intermediate of e. The rows come from the interception
+(`ExpertsState.sinks`), which knows each row's expert under eager, batched_mm and
+grouped_mm alike. A dense Linear is the same code with E = 1. All layers are calibrated
+from the unquantized model's activations in one pass (not layer-sequential).
+
+Quantization (Frantar et al. 2022, the reference implementation's order of operations):
+dead input channels (H_kk = 0) are zeroed, dampening PERCDAMP * mean(diag H) per expert, the
+upper Cholesky factor of H^-1, blocks of 128 columns with lazy batch updates, optional
+act-order (columns by decreasing H_kk, per expert). Scales are fixed BEFORE the column
+loop, from the original weight (or the ratios `mse` chose): `state.group_amax` /
+`state.w_amax`. Each column is fake-quantized with its unit's fixed scale in the
+parameter's dtype, so the dequantized result written back into the parameter quantizes,
+round-to-nearest with the same scales, to exactly the GPTQ codes: fake quant in memory
+and export both reproduce them (tests/algorithms/test_gptq.py checks this bit-exactly).
+Experts that saw no calibration rows keep their weights (round-to-nearest) and are listed
+in `QuantReport.rtn_fallback`.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from ..calibration_stats import full
+from ..quantizer import fake_quant_weight, unit_amax, weight_granularity
+
+log = logging.getLogger("moeq")
+
+BLOCK = 128
+PERCDAMP = 0.1  # of mean(diag H); 0.01 (the paper's) overfits experts that see few rows, see design.md
+_HESSIAN_CHUNK_ELEMS = 1 << 24  # padded [experts, rows, K] buffer per accumulation step
+_SOLVE_CHUNK_ELEMS = 1 << 24  # experts per solve: ~ (N*K + 3*K*K) floats each
+
+
+@torch.no_grad()
+def add_rows(H: torch.Tensor, count: torch.Tensor, x: torch.Tensor, ids: torch.Tensor | None,
+             valid: torch.Tensor | None = None) -> None:
+    """H [E, K, K] += X_e^T X_e for the rows x [S, K] with expert ids [S] (None: all rows
+    belong to expert 0, a dense Linear); count [E] += rows per expert. Rows are sorted by
+    expert and padded into [experts, max rows, K] so one bmm serves a chunk of experts."""
+    x = x.float()
+    if ids is None:
+        H[0].addmm_(x.T, x)
+        count[0] += x.shape[0]
+        return
+    if valid is not None:
+        x, ids = x[valid], ids[valid]
+    if x.shape[0] == 0:
+        return
+    E, K = H.shape[0], H.shape[-1]
+    c = torch.bincount(ids, minlength=E)
+    count += c
+    order = torch.argsort(ids, stable=True)
+    ids_s, xs = ids[order], x[order]
+    pos = torch.arange(ids_s.numel(), device=x.device) - (torch.cumsum(c, 0) - c)[ids_s]
+    c_cpu = c.cpu()
+    M = int(c_cpu.max())
+    step = max(1, _HESSIAN_CHUNK_ELEMS // max(1, M * K))
+    for s in range(0, E, step):
+        if int(c_cpu[s:s + step].sum()) == 0:
+            continue
+        sel = (ids_s >= s) & (ids_s < s + step)
+        buf = x.new_zeros(min(step, E - s), M, K)
+        buf[ids_s[sel] - s, pos[sel]] = xs[sel]
+        H[s:s + step].baddbmm_(buf.transpose(1, 2), buf)
+
+
+class Hessians:
+    """The sink one state feeds: H[proj] [E, K, K] and rows[proj] [E]."""
+
+    def __init__(self, dims: dict[str, tuple[int, int]], device):
+        self.H = {p: torch.zeros(E, K, K, dtype=torch.float32, device=device) for p, (E, K) in dims.items()}
+        self.rows = {p: torch.zeros(E, dtype=torch.int64, device=device) for p, (E, K) in dims.items()}
+
+    def __call__(self, proj, x, ids, valid):
+        add_rows(self.H[proj], self.rows[proj], x, None if ids is None else ids.to(x.device), valid)
+
+
+def attach_hessians(session) -> None:
+    for st in session.experts:
+        t = st.target
+        dims = {p: (t.num_experts, t.nk(p).shape[-1]) for p in t.projs}
+        h = Hessians(dims, t.param(t.projs[0]).device)
+        st.sinks.append(h)
+        session.hessians[t.name] = h
+    for name, st in session.linears.items():
+        w = st.target.module.weight
+        h = Hessians({"weight": (1, w.shape[1])}, w.device)
+        st.sinks.append(h)
+        session.hessians[name] = h
+
+
+def _inverse_cholesky(H: torch.Tensor) -> torch.Tensor:
+    """Upper Cholesky factor of H^-1 per expert; dampening raised x10 (up to 3 times) for an
+    expert whose H is not positive definite after the standard 1%."""
+    damp = PERCDAMP * H.diagonal(dim1=1, dim2=2).mean(1)
+    eye = torch.eye(H.shape[-1], dtype=H.dtype, device=H.device)
+    for attempt in range(4):
+        L, info = torch.linalg.cholesky_ex(H + damp[:, None, None] * eye)
+        if not bool((info != 0).any()):
+            break
+        damp = torch.where(info != 0, damp * 10, damp)
+    else:
+        raise RuntimeError("GPTQ: a Hessian stayed singular after 1000x dampening; use algorithm='mse' or 'max'")
+    return torch.linalg.cholesky(torch.cholesky_inverse(L), upper=True)
+
+
+def solve(w: torch.Tensor, H: torch.Tensor, quant_col, block: int = BLOCK, act_order: bool = False) -> torch.Tensor:
+    """GPTQ for a stack of experts. w [E, N, K] float32, H [E, K, K] float32 (each with some
+    rows), quant_col(col [E, N], j [E] original column index) -> fake-quant col [E, N].
+    Returns the fake-quant weights [E, N, K] (float32 holding the quantized values)."""
+    E, N, K = w.shape
+    W, H = w.clone(), H.clone()
+    diag = H.diagonal(dim1=1, dim2=2)
+    dead = diag == 0
+    diag.masked_fill_(dead, 1.0)
+    W.masked_fill_(dead[:, None, :], 0.0)
+    perm = torch.arange(K, device=w.device).expand(E, K)
+    if act_order:
+        perm = torch.argsort(diag, dim=1, descending=True, stable=True)
+        W = W.gather(2, perm[:, None, :].expand(E, N, K))
+        H = H.gather(1, perm[:, :, None].expand(E, K, K)).gather(2, perm[:, None, :].expand(E, K, K))
+    Hinv = _inverse_cholesky(H)
+    Q = torch.zeros_like(W)
+    for i1 in range(0, K, block):
+        i2 = min(i1 + block, K)
+        W1 = W[:, :, i1:i2].clone()
+        Q1, Err1 = torch.zeros_like(W1), torch.zeros_like(W1)
+        Hinv1 = Hinv[:, i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            col = W1[:, :, i]
+            q = quant_col(col, perm[:, i1 + i])
+            Q1[:, :, i] = q
+            err = (col - q) / Hinv1[:, i, i][:, None]
+            W1[:, :, i:] -= err[:, :, None] * Hinv1[:, None, i, i:]
+            Err1[:, :, i] = err
+        Q[:, :, i1:i2] = Q1
+        W[:, :, i2:] -= torch.bmm(Err1, Hinv[:, i1:i2, i2:])
+    if act_order:
+        Q = Q.gather(2, torch.argsort(perm, dim=1)[:, None, :].expand(E, N, K))
+    return Q
+
+
+def column_quantizer(recipe, dtype, amax: torch.Tensor, group_amax: torch.Tensor | None, k: int):
+    """quant_col for `solve`: one column [E, N] fake-quantized in `dtype` with the fixed
+    scale of its unit (group_amax [E, N, K/g] gathered at column j's group; per-tensor
+    schemes: amax [E]). Elementwise the same arithmetic as the whole-tensor fake quant."""
+    g = None if group_amax is None else k // group_amax.shape[-1]
+
+    def quant_col(col: torch.Tensor, j: torch.Tensor) -> torch.Tensor:
+        x = col.to(dtype).unsqueeze(-1)
+        if group_amax is None:
+            return fake_quant_weight(recipe, x, amax).float().squeeze(-1)
+        idx = (j // g)[:, None, None].expand(col.shape[0], col.shape[1], 1)
+        return fake_quant_weight(recipe, x, amax, group_amax.gather(2, idx)).float().squeeze(-1)
+
+    return quant_col
+
+
+def quantize_stack(recipe, w_nk: torch.Tensor, H: torch.Tensor, rows: torch.Tensor, amax: torch.Tensor,
+                   group_amax: torch.Tensor | None, act_order: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """GPTQ over the experts of w_nk [E, N, K] that saw rows (rows [E] > 0), in expert
+    chunks. Returns (new weights [E, N, K] in w_nk's dtype: the others unchanged, ids of the
+    experts left to round-to-nearest)."""
+    E, N, K = w_nk.shape
+    out = w_nk.clone()
+    seen = torch.nonzero(rows > 0).flatten().tolist()
+    step = max(1, _SOLVE_CHUNK_ELEMS // max(1, N * K + 3 * K * K))
+    for s in range(0, len(seen), step):
+        ids = torch.tensor(seen[s:s + step], device=w_nk.device)
+        ga = None if group_amax is None else group_amax[ids].to(w_nk.device)
+        qc = column_quantizer(recipe, w_nk.dtype, amax[ids].to(w_nk.device), ga, K)
+        out[ids] = solve(w_nk[ids].float(), H[ids].to(w_nk.device), qc, act_order=act_order).to(w_nk.dtype)
+    unseen = torch.nonzero(rows == 0).flatten().tolist()
+    return out, unseen
+
+
+@torch.no_grad()
+def run(session, report, act_order: bool = False) -> None:
+    recipe = session.recipe
+    per_tensor = weight_granularity(recipe) == "tensor"
+    for st in session.experts:
+        t, h = st.target, session.hessians[st.target.name]
+        st.sinks.remove(h)
+        fallback = set()
+        for p in t.projs:
+            param = t.param(p)
+            w = t.nk(p, full(param.detach()))
+            if not per_tensor and p not in st.group_amax:
+                st.group_amax[p] = unit_amax(recipe, w)  # scales fixed from the original weight
+            new, unseen = quantize_stack(recipe, w, h.H[p], h.rows[p], st.w_amax[p], st.group_amax.get(p), act_order)
+            t.nk(p, param.data).copy_(new)
+            fallback.update(unseen)
+        if fallback:
+            report.rtn_fallback[t.name] = sorted(fallback)
+        del session.hessians[t.name]
+    for name, st in session.linears.items():
+        h = session.hessians.pop(name)
+        st.sinks.remove(h)
+        param = st.target.module.weight
+        w = full(param.detach())
+        if not per_tensor and st.group_amax is None:
+            st.group_amax = unit_amax(recipe, w)
+        ga = None if per_tensor else st.group_amax[None]
+        new, unseen = quantize_stack(recipe, w[None], h.H["weight"], h.rows["weight"], st.w_amax.reshape(1), ga, act_order)
+        param.data.copy_(new[0])
+        if unseen:
+            report.rtn_fallback[name] = [0]
+    session.hessians.clear()
+    n = sum(len(v) for v in report.rtn_fallback.values())
+    if n:
+        msg = f"GPTQ: {n} experts/modules saw no calibration rows and are quantized round-to-nearest (rtn_fallback)"
+        report.warnings.append(msg)
+        log.warning(msg)
