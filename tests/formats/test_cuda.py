@@ -125,4 +125,4 @@ def test_compiled_kernels_match_cpu(monkeypatch, dtype):
         monkeypatch.setenv("MOEQ_COMPILE", "1")
         got = fn("cuda")
         assert got.device.type == "cuda" and same(ref, got.cpu()), name
-    assert all(KERNELS[k].compiled_calls > n[k] for k in KERNELS)
+    assert all(KERNELS[k].compiled_calls > n[k] for k in KERNELS if "cuda" in KERNELS[k].devices)
