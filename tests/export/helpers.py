@@ -108,6 +108,17 @@ def rel_err(a: torch.Tensor, ref: torch.Tensor) -> float:
     return float((a - ref).abs().max() / ref.abs().max().clamp_min(1e-30))
 
 
+def input_fake_quants(model) -> tuple:
+    """The input fake quant of a quantized model's first Linear and of its first experts module's
+    first projection (as expert 0 sees it): x [..., K] -> fake-quantized x."""
+    from moeq.quantization import SESSION_ATTR
+
+    session = getattr(model, SESSION_ATTR)
+    lin, exp = next(iter(session.linears.values())), session.experts[0]
+    proj = exp.target.projs[0]
+    return lin.fake_quant_input, lambda x: exp.fake_quant_input(proj, x, ("one", 0))
+
+
 def quant_config(path) -> dict:
     return json.loads((Path(path) / "config.json").read_text())["quantization_config"]
 

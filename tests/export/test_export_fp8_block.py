@@ -18,7 +18,7 @@ from moeq.inspect_checkpoint import inspect_checkpoint
 from moeq.quantization import SESSION_ATTR, ShapeError
 from moeq.recipes import PRESETS
 
-from .helpers import logits, quant_config, quantized_modules, read_checkpoint, tm
+from .helpers import input_fake_quants, logits, quant_config, quantized_modules, read_checkpoint, tm
 
 CT = "compressed-tensors"
 # tiny qwen3_moe has head_dim 32: k_proj / v_proj of 64 rows, which vLLM cannot fuse into qkv with 128-row blocks
@@ -61,11 +61,7 @@ def test_inputs_are_quantized_per_group_at_run_time():
     scaling one group changes no other group, and the inputs are really quantized."""
     model = tm.tiny_model("mixtral")
     moeq.quantize(model, "fp8-block", progress=False)
-    session = getattr(model, SESSION_ATTR)
-    lin = next(iter(session.linears.values()))
-    exp = session.experts[0]
-    proj = exp.target.projs[0]
-    for fq in (lin.fake_quant_input, lambda x: exp.fake_quant_input(proj, x, ("one", 0))):
+    for fq in input_fake_quants(model):
         x = torch.randn(4, 256, generator=torch.Generator().manual_seed(0))
         big = x.clone()
         big[:, 128:] *= 1000

@@ -13,11 +13,10 @@ from safetensors.torch import load_file, save_file
 import moeq
 from moeq.checkpoint.layouts import LAYOUTS, check_supported, quant_configs, recipe_from_config
 from moeq.inspect_checkpoint import inspect_checkpoint
-from moeq.quantization import SESSION_ATTR
 from moeq.recipes import PRESETS
 from moeq.schemes.table import CONFIGS
 
-from .helpers import logits, quantized_modules, read_checkpoint, tm
+from .helpers import input_fake_quants, logits, quantized_modules, read_checkpoint, tm
 
 
 @pytest.mark.parametrize("model_type", ["qwen3_moe", "mixtral"])  # (gpt-oss: refused, its expert biases)
@@ -44,11 +43,7 @@ def test_inputs_are_quantized_per_token_at_run_time():
     the big token would coarsen every token's grid), and the inputs are really quantized."""
     model = tm.tiny_model("qwen3_moe")
     moeq.quantize(model, "fp8-dynamic", progress=False)
-    session = getattr(model, SESSION_ATTR)
-    lin = next(iter(session.linears.values()))
-    exp = session.experts[0]
-    proj = exp.target.projs[0]
-    for fq in (lin.fake_quant_input, lambda x: exp.fake_quant_input(proj, x, ("one", 0))):
+    for fq in input_fake_quants(model):
         k = 128
         x = torch.randn(6, k, generator=torch.Generator().manual_seed(0))
         big = x.clone()

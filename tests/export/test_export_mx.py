@@ -15,10 +15,9 @@ import moeq
 from moeq.checkpoint.layouts import NATIVE, UnsupportedExport, check_supported
 from moeq.formats import mx
 from moeq.inspect_checkpoint import inspect_checkpoint
-from moeq.quantization import SESSION_ATTR
 from moeq.recipes import PRESETS
 
-from .helpers import logits, quantized_modules, read_checkpoint, tm
+from .helpers import input_fake_quants, logits, quantized_modules, read_checkpoint, tm
 
 CT = "compressed-tensors"
 # gpt-oss's own format keeps attention in the model dtype (only the experts are MXFP4)
@@ -111,11 +110,7 @@ def test_inputs_are_quantized_per_group_of_32_at_run_time(cache, preset):
     """Scaling one 32-element group of one token changes that group only (a per-token or static scale
     would coarsen the other groups too), and the inputs really are quantized."""
     model, _, _ = cache.get("qwen3_moe", preset)
-    session = getattr(model, SESSION_ATTR)
-    lin = next(iter(session.linears.values()))
-    exp = session.experts[0]
-    proj = exp.target.projs[0]
-    for fq in (lin.fake_quant_input, lambda x: exp.fake_quant_input(proj, x, ("one", 0))):
+    for fq in input_fake_quants(model):
         x = torch.randn(4, 128, generator=torch.Generator().manual_seed(0))
         big = x.clone()
         big[-1, :32] *= 1000
