@@ -14,6 +14,10 @@ Invariants:
 - one compiled graph per (kernel, dtype, device): every dim is marked dynamic except a
   static block dim (`static_last`), so token counts, expert chunks and K never recompile.
   Callers flatten leading dims (`rows`) so ranks do not multiply graphs either.
+- MOEQ_COMPILE=auto (the default) compiles a kernel on a device only once its eager calls there
+  have processed `PAYBACK_NUMEL` elements (seconds of eager work, more than a compilation costs),
+  so short runs (the demo's quantize / eval, tests) never pay for compiling; MOEQ_COMPILE=1
+  compiles at the first call (benchmarks), MOEQ_COMPILE=0 never.
 - eager whenever compiling would not pay or is not safe: MOEQ_COMPILE=0, tensors under
   `min_numel` elements, a torch function mode active on this thread (dynamo would trace
   the mode), grad-requiring inputs, already inside a torch.compile'd region. A failed
@@ -39,9 +43,22 @@ _CUDA_OPTIONS = {"eager_numerics.division_rounding": True, "eager_numerics.disab
                  "emulate_precision_casts": True}
 
 
+# Eager elements a kernel processes on a device before auto mode compiles it there. Estimates from
+# bench/RESULTS.md: eager NVFP4 fake quant runs ~10-50 M elements/s on 2 CPU cores and a compilation
+# costs ~5-10 s (cold), so 2**28 elements is ~5-25 s of eager work; on an H100/H200 eager runs
+# billions of elements/s and compiling saved ~20-35 % of the fake-quant forward.
+PAYBACK_NUMEL = {"cpu": 1 << 28, "cuda": 1 << 35}
+
+
+def mode() -> str:
+    """MOEQ_COMPILE: "off" (0/off/false/no), "on" (1/on/true/yes: compile at once) or "auto" (default)."""
+    v = os.environ.get("MOEQ_COMPILE", "auto").strip().lower()
+    return "off" if v in ("0", "off", "false", "no") else "on" if v in ("1", "on", "true", "yes") else "auto"
+
+
 def enabled() -> bool:
     """False when MOEQ_COMPILE=0 (or off/false/no): every kernel runs eagerly."""
-    return os.environ.get("MOEQ_COMPILE", "1").strip().lower() not in ("0", "off", "false", "no")
+    return mode() != "off"
 
 
 def rows(x: torch.Tensor) -> torch.Tensor:
@@ -79,9 +96,21 @@ class Fused:
         self._compiled: dict[str, object] = {}  # device type -> compiled callable
         self.failed = False
         self.compiled_calls = 0  # calls that ran the compiled kernel (tests, benchmarks)
+        self.eager_numel: dict[str, int] = {}  # device type -> elements run eagerly while they could compile
 
     def use_compiled(self, args) -> bool:
-        return (not self.failed and enabled() and args[0].numel() >= self.min_numel
+        x, m = args[0], mode()
+        if not self._may_compile(args, m):
+            return False
+        if m == "auto":  # compile once the eager work done here would have paid for it
+            dev = x.device.type
+            if self.eager_numel.get(dev, 0) < PAYBACK_NUMEL.get(dev, 0):
+                self.eager_numel[dev] = self.eager_numel.get(dev, 0) + x.numel()
+                return False
+        return True
+
+    def _may_compile(self, args, m: str) -> bool:
+        return (not self.failed and m != "off" and args[0].numel() >= self.min_numel
                 and args[0].device.type in self.devices
                 and torch._C._len_torch_function_stack() == 0 and torch._C._is_torch_function_enabled()
                 and not torch.compiler.is_compiling()
@@ -126,9 +155,11 @@ def _row_absmax(x2: torch.Tensor) -> torch.Tensor:
     return x2.abs().amax(-1).float()
 
 
-# CPU only: on an H200 (bf16, bench_moe.py --compile both) calibration with the compiled reduction took
-# 1.92-1.96x the plain forward against 1.66-1.68x with torch's own amax kernels
-_ROW_ABSMAX = Fused(_row_absmax, "max |x|", devices=("cpu",))
+# Not compiled by default (devices=()): calibration with the compiled reduction was no faster on CPU
+# (bench_moe.py --compile both, 16 experts: 0.97x vs 0.87x of the plain forward), slower on an H200
+# (1.92-1.96x vs 1.66-1.68x), and compiling it added 5-8 s to the demo's `moeq quantize` (22 s).
+# tests/formats/test_fused.py keeps its compiled form bit-exact, should a device make it pay.
+_ROW_ABSMAX = Fused(_row_absmax, "max |x|", devices=())
 
 
 def row_absmax(x: torch.Tensor) -> torch.Tensor:

@@ -23,10 +23,11 @@ KERNELS = {"nvfp4": nvfp4._FQ, "fp8": fp8._FQ, "fp8-row": fp8._FQ_DYNAMIC, "absm
 
 @pytest.fixture
 def compiled(monkeypatch):
-    """Compile on, every size compiled, compile failures reset (restored after the test)."""
+    """Compile on, every size and device compiled, compile failures reset (restored after the test)."""
     monkeypatch.setenv("MOEQ_COMPILE", "1")
     for k in KERNELS.values():
         monkeypatch.setattr(k, "min_numel", 0)
+        monkeypatch.setattr(k, "devices", ("cpu", "cuda"))
         monkeypatch.setattr(k, "failed", False)
     return KERNELS
 
@@ -159,3 +160,22 @@ def test_compile_failure_warns_once_then_eager(compiled, monkeypatch, caplog):
     assert k.failed and len([r for r in caplog.records if "no C++ compiler" in r.getMessage()]) == 1
     monkeypatch.setenv("MOEQ_COMPILE", "0")
     assert torch.equal(a, fp8.fake_quant_with_scale(x, s)) and torch.equal(a, b)
+
+
+def test_auto_mode_compiles_only_after_its_payback(compiled, monkeypatch):
+    """MOEQ_COMPILE unset (auto): a kernel runs eagerly until the elements it processed on the device reach
+    PAYBACK_NUMEL, then compiled; short runs never pay for a compilation. MOEQ_COMPILE=1 compiles at once."""
+    k = compiled["fp8"]
+    x = sample(torch.float32)
+    s = fp8.scale_from_amax(torch.tensor(30.0))
+    monkeypatch.delenv("MOEQ_COMPILE")
+    monkeypatch.setattr(fused, "PAYBACK_NUMEL", {"cpu": 3 * x.numel()})
+    monkeypatch.setattr(k, "eager_numel", {})
+    n = k.compiled_calls
+    outs = [fp8.fake_quant_with_scale(x, s) for _ in range(4)]
+    assert k.compiled_calls == n + 1 and k.eager_numel == {"cpu": 3 * x.numel()}  # 3 eager calls, then compiled
+    assert all(same(outs[0], o) for o in outs[1:])
+    monkeypatch.setenv("MOEQ_COMPILE", "1")
+    monkeypatch.setattr(k, "eager_numel", {})
+    fp8.fake_quant_with_scale(x, s)
+    assert k.compiled_calls == n + 2 and k.eager_numel == {}
