@@ -34,14 +34,15 @@ def test_vllm_loads_mx_export(model_type, preset, layout, tmp_path):
     assert verdict.startswith("pass"), f"{model_type} {preset} {layout}: {verdict}"
 
 
-def test_vllm_loads_gpt_oss_native_mxfp4(tmp_path):
+@pytest.mark.parametrize("preset", ["w4a16-mxfp4", "mxfp4"])
+def test_vllm_loads_gpt_oss_native_mxfp4(tmp_path, preset):
     """hidden_size 256: vLLM's MXFP4 MoE backends pad the hidden size to a multiple of 256 (TRTLLM, Marlin:
     oracle/mxfp4.py mxfp4_round_up_hidden_size_and_intermediate_size) and leave the padding unwritten, which
     the check reports for the stock tiny gpt-oss (hidden 128); gpt-oss-20b's 2880 is padded to 3072 the same way."""
     model = tm.tiny_model("gpt_oss", dtype=torch.bfloat16, hidden_size=256)
-    recipe = PRESETS["w4a16-mxfp4"].with_exclude(add=["*q_proj", "*k_proj", "*v_proj", "*o_proj"])
+    recipe = PRESETS[preset].with_exclude(add=["*q_proj", "*k_proj", "*v_proj", "*o_proj"])
     moeq.quantize(model, recipe, progress=False, layout=NATIVE)
-    out = tmp_path / "gpt_oss-w4a16-mxfp4-native"
+    out = tmp_path / f"gpt_oss-{preset}-native"
     moeq.export(model, out, NATIVE, progress=False)
     verdict, res = vc.run_check(out)
     assert verdict.startswith("pass"), verdict
