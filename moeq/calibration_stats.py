@@ -63,6 +63,19 @@ def _rows_to_ids(rows, n_rows: int, num_experts: int, device) -> tuple[torch.Ten
     return ids.clamp(max=num_experts - 1), valid
 
 
+def _cached(cache: dict | None, proj: str, w: torch.Tensor, compute):
+    """compute() (the fake quant of parameter `w`), kept in `cache` while w's storage, version,
+    dtype, device and shape stay the same (cache None: computed at every call)."""
+    if cache is None:
+        return compute()
+    key = (w.data_ptr(), w._version, w.dtype, w.device, tuple(w.shape))
+    hit = cache.get(proj)
+    if hit is not None and hit[0] == key:
+        return hit[1]
+    cache[proj] = (key, compute())
+    return cache[proj][1]
+
+
 class ExpertsState:
     def __init__(self, target: ExpertsTarget, recipe: Recipe):
         self.target, self.recipe = target, recipe
@@ -283,19 +296,17 @@ class ExpertsState:
             w_nk = w[expert].transpose(-2, -1) if t.is_transposed else w[expert]
             fq = fake_quant_weight(r, w_nk, amax[expert], None if ga is None else ga[expert]).to(w.dtype)
             return (fq.transpose(-2, -1) if t.is_transposed else fq).contiguous()
-        key = (w.data_ptr(), w._version, w.dtype, w.device, tuple(w.shape))
-        if self.cache is not None and proj in self.cache and self.cache[proj][0] == key:
-            return self.cache[proj][1]
-        w_nk = t.nk(proj, w.detach())
-        fq = torch.empty_like(w_nk)
-        step = max(1, _FQ_CHUNK_ELEMS // max(1, w_nk[0].numel()))
-        for s in range(0, w_nk.shape[0], step):
-            fq[s:s + step] = fake_quant_weight(r, w_nk[s:s + step], amax[s:s + step],
-                                               None if ga is None else ga[s:s + step])
-        fq = t.from_nk(fq)
-        if self.cache is not None:
-            self.cache[proj] = (key, fq)
-        return fq
+
+        def compute():
+            w_nk = t.nk(proj, w.detach())
+            fq = torch.empty_like(w_nk)
+            step = max(1, _FQ_CHUNK_ELEMS // max(1, w_nk[0].numel()))
+            for s in range(0, w_nk.shape[0], step):
+                fq[s:s + step] = fake_quant_weight(r, w_nk[s:s + step], amax[s:s + step],
+                                                   None if ga is None else ga[s:s + step])
+            return t.from_nk(fq)
+
+        return _cached(self.cache, proj, w, compute)
 
     def input_amax(self, proj: str) -> torch.Tensor:
         """Layer-shared input amax (max over experts), or per expert with the layer max
@@ -370,14 +381,9 @@ class LinearState:
     def weight_fq(self, proj: str, w: torch.Tensor, expert=None) -> torch.Tensor:
         if self.weights_are_fake_quant:
             return w
-        key = (w.data_ptr(), w._version, w.dtype, w.device, tuple(w.shape))
-        if self.cache is not None and proj in self.cache and self.cache[proj][0] == key:
-            return self.cache[proj][1]
         ga = None if self.group_amax is None else self.group_amax.to(w.device)
-        fq = fake_quant_weight(self.recipe, w.detach(), self.w_amax.to(w.device), ga).to(w.dtype)
-        if self.cache is not None:
-            self.cache[proj] = (key, fq)
-        return fq
+        return _cached(self.cache, proj, w, lambda: fake_quant_weight(self.recipe, w.detach(), self.w_amax.to(w.device),
+                                                                      ga).to(w.dtype))
 
     def fake_quant_input(self, x: torch.Tensor) -> torch.Tensor:
         if self.recipe.input is None:

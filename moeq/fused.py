@@ -56,11 +56,6 @@ def mode() -> str:
     return "off" if v in ("0", "off", "false", "no") else "on" if v in ("1", "on", "true", "yes") else "auto"
 
 
-def enabled() -> bool:
-    """False when MOEQ_COMPILE=0 (or off/false/no): every kernel runs eagerly."""
-    return mode() != "off"
-
-
 def rows(x: torch.Tensor) -> torch.Tensor:
     """x [..., K] as [R, K] (a view when x is contiguous)."""
     return x.reshape(-1, x.shape[-1]) if x.dim() != 2 else x
@@ -163,6 +158,6 @@ _ROW_ABSMAX = Fused(_row_absmax, "max |x|", devices=())
 
 
 def row_absmax(x: torch.Tensor) -> torch.Tensor:
-    """max |x| over the last dim, float32 of shape x.shape[:-1]: one read of x, no |x| copy
-    (values identical to x.abs().amax(-1).float())."""
+    """max |x| over the last dim, float32 of shape x.shape[:-1] (x.abs().amax(-1).float(); one read
+    of x and no |x| copy where compiled)."""
     return _ROW_ABSMAX(rows(x)).reshape(x.shape[:-1])

@@ -56,13 +56,16 @@ def native_read(blocks: torch.Tensor, scales: torch.Tensor, dtype) -> torch.Tens
     return mx.dequantize(mx.unpack(blocks.flatten(-2)), scales, dtype)
 
 
-def fake_quant_input(x, param=None):
-    return mx.fake_quant_unchecked(x, "e2m1")
+def dynamic_input(name: str, element: str, static_scale: str) -> InputScheme:
+    """MX inputs: each group of 32 of a row gets its E8M0 scale at run time, nothing calibrated or
+    written; `inspect` flags a static scale (`static_scale`) next to them as a mixed-up export."""
+    def check(c, layout, group_size):
+        c.absent(static_scale)
+
+    def fake_quant(x, param=None):
+        return mx.fake_quant_unchecked(x, element)
+
+    return InputScheme(name, "group", False, mx.BLOCK_SIZE, None, fake_quant, no_tensors, read_nothing, check)
 
 
-def _input_check(c, layout, group_size):
-    c.absent("input_global_scale")  # dynamic per-group inputs carry no static scale
-
-
-INPUT = InputScheme("mxfp4", "group", False, mx.BLOCK_SIZE, None, fake_quant_input, no_tensors, read_nothing,
-                    _input_check)
+INPUT = dynamic_input("mxfp4", "e2m1", "input_global_scale")

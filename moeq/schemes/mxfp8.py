@@ -11,7 +11,8 @@ from __future__ import annotations
 import torch
 
 from ..formats import mx
-from .spec import InputScheme, WeightScheme, no_tensors, read_nothing
+from .mxfp4 import dynamic_input
+from .spec import WeightScheme
 
 
 def _quantize(w, amax, group_size):
@@ -40,13 +41,4 @@ WEIGHT = WeightScheme("mxfp8", "group", lambda g: mx.BLOCK_SIZE, _quantize, _fak
                       ct_format="mxfp8-quantized")
 
 
-def fake_quant_input(x, param=None):
-    return mx.fake_quant_unchecked(x, "e4m3")
-
-
-def _input_check(c, layout, group_size):
-    c.absent("input_scale")  # dynamic per-group inputs carry no static scale
-
-
-INPUT = InputScheme("mxfp8", "group", False, mx.BLOCK_SIZE, None, fake_quant_input, no_tensors, read_nothing,
-                    _input_check)
+INPUT = dynamic_input("mxfp8", "e4m3", "input_scale")
