@@ -84,6 +84,8 @@ class ExpertsState:
         self.in_amax = {p: torch.zeros(E, dtype=torch.float32, device=w.device) for p in target.projs}
         self.tokens = torch.zeros(E, dtype=torch.int64, device=w.device)
         self.calls = 0
+        # "calibrate": statistics, unquantized; "quantize": fake-quant weights and inputs;
+        # "inputs": fake-quant inputs, weights as they are (GPTQ's Hessian pass, moeq.algorithms.gptq)
         self.mode = "calibrate"
         self.batch = BatchContext()  # replaced by the session's shared one
         self.stored_kn = target.is_transposed
@@ -104,7 +106,7 @@ class ExpertsState:
         kind, r = rows
         amax, first = self.in_amax[proj], proj == self.target.projs[0]
         if self.sinks:
-            self._feed_rows(proj, xk, rows, valid_rows)
+            self.feed_rows(proj, xk, rows, valid_rows)
         if kind == "one":
             amax[r] = torch.maximum(amax[r], row_absmax(xk).amax())
             if first:
@@ -125,7 +127,7 @@ class ExpertsState:
                 self.tokens.scatter_add_(0, ids, ones)
         self.calls += 1
 
-    def _feed_rows(self, proj: str, xk: torch.Tensor, rows, valid_rows) -> None:
+    def feed_rows(self, proj: str, xk: torch.Tensor, rows, valid_rows) -> None:
         """The matmul's input rows [S, K] with their expert ids, to every sink."""
         kind, r = rows
         K = xk.shape[-1]
@@ -169,9 +171,12 @@ class ExpertsState:
         if hidden is None:
             return args, kwargs, info
         first = self.target.projs[0]
-        if self.mode == "calibrate" and self.batch.token_mask is not None:
+        collecting = self.mode == "calibrate" or bool(self.sinks)  # sinks outside calibration: sequential GPTQ
+        if collecting and self.batch.token_mask is not None:
             args, kwargs, info = self._drop_padding(args, kwargs, hidden, idx)
             hidden, idx = self._inputs(args, kwargs)
+        if self.sinks and idx is not None and self.mode != "calibrate":
+            info["valid_rows"] = (idx < self.target.num_experts).reshape(-1)
         if self.mode == "calibrate":
             if calib_all_experts:
                 self.observe_all_experts(hidden)
@@ -361,6 +366,15 @@ class LinearState:
             for sink in self.sinks:
                 sink("weight", x.reshape(-1, x.shape[-1]), None, None)
         self.calls += 1
+
+    def feed(self, x: torch.Tensor) -> None:
+        """The rows of x (padding dropped) to every sink, without statistics (quantize mode)."""
+        valid = self.batch.valid_rows(x, self.target.name)
+        x = x.reshape(-1, x.shape[-1])
+        if valid is not None:
+            x = x[valid]
+        for sink in self.sinks:
+            sink("weight", x, None, None)
 
     @torch.no_grad()
     def finalize(self, w_amax: torch.Tensor, in_amax: torch.Tensor, cache_fake_quant: bool = False) -> None:

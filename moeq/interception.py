@@ -224,8 +224,10 @@ class ExpertsIntercept(_Intercept):
             else:
                 kwargs = {**kwargs, pos: self._weight(w, origin)}
             if not (first and self.info.get("quantized")):
-                xq = st.fake_quant_input(origin.proj, xk, rows)
-                args[x_pos] = xq.transpose(-1, -2) if kdim == -2 else xq
+                xk = st.fake_quant_input(origin.proj, xk, rows)
+                args[x_pos] = xk.transpose(-1, -2) if kdim == -2 else xk
+            if st.sinks:  # layer-sequential GPTQ: the rows the quantized matmul multiplies
+                st.feed_rows(origin.proj, xk, rows, self.info.get("valid_rows"))
         return func(*args, **kwargs)
 
 
@@ -243,6 +245,8 @@ class LinearIntercept(_Intercept):
         else:
             args[1] = self._weight(args[1], tagged[0][2])
             args[0] = st.fake_quant_input(args[0])
+            if st.sinks:  # layer-sequential GPTQ: the rows the quantized matmul multiplies
+                st.feed(args[0])
         return func(*args, **kwargs)
 
 

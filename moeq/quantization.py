@@ -231,6 +231,21 @@ def _check_finite(session: Session, batch_index: int) -> None:
                 f"computed; check the model's weights and dtype (float16 overflows where bfloat16 does not) and the data")
 
 
+def batch_mask(batch: dict, i: int):
+    """The batch's token mask flattened [B*T] bool, None when every token is real, False
+    when none is (the batch is skipped)."""
+    mask = batch.get("attention_mask")
+    if mask is None:
+        return None
+    mask = mask.to(batch["input_ids"].device).bool()
+    if mask.shape != batch["input_ids"].shape:
+        raise ValueError(f"calibration batch {i}: attention_mask {tuple(mask.shape)} does not match "
+                         f"input_ids {tuple(batch['input_ids'].shape)}")
+    if not bool(mask.any()):
+        return False
+    return None if bool(mask.all()) else mask.reshape(-1)
+
+
 @torch.no_grad()
 def _calibrate(model, session: Session, calib_data, report: QuantReport, progress: bool) -> None:
     """Run the calibration batches. An attention_mask marks padding: padding tokens reach no
@@ -240,16 +255,11 @@ def _calibrate(model, session: Session, calib_data, report: QuantReport, progres
     try:
         for i, batch in enumerate(tqdm(_batches(calib_data, model), total=total, desc="calibrating",
                                        disable=not progress, unit="batch")):
-            mask = batch.get("attention_mask")
-            if mask is not None:
-                mask = mask.to(batch["input_ids"].device).bool()
-                if mask.shape != batch["input_ids"].shape:
-                    raise ValueError(f"calibration batch {i}: attention_mask {tuple(mask.shape)} does not match "
-                                     f"input_ids {tuple(batch['input_ids'].shape)}")
-                if not bool(mask.any()):
-                    log.warning("calibration batch %d is all padding; skipped", i)
-                    continue
-            session.batch.token_mask = None if mask is None or bool(mask.all()) else mask.reshape(-1)
+            mask = batch_mask(batch, i)
+            if mask is False:
+                log.warning("calibration batch %d is all padding; skipped", i)
+                continue
+            session.batch.token_mask = mask
             model(**batch, use_cache=False)
             _check_finite(session, i)
             report.calib_batches += 1
@@ -329,9 +339,10 @@ def quantize(
         tokens_per_expert={}, never_routed={}, calib_all_experts=calib_all_experts,
         algorithm=algorithms.name(steps),
     )
+    if calib_data is not None and algorithms.needs_data_again(steps):
+        calib_data = list(_batches(calib_data, model))  # iterated again, layer by layer
     session.attach(calib_all_experts)
     try:
-        algorithms.prepare(session, steps)
         was_training = model.training
         model.eval()
         try:
@@ -347,7 +358,7 @@ def quantize(
         session.finalize(cache_fake_quant=_decide_cache(targets, cache_weights))
         if steps:
             t0 = time.perf_counter()
-            algorithms.run(session, steps, report)
+            algorithms.run(session, steps, report, calib_data, progress)
             report.algorithm_seconds = time.perf_counter() - t0
     except BaseException:
         session.detach()

@@ -40,48 +40,11 @@ from .checkpoint.plan import checkpoint_plan, fill_from_checkpoint
 from .checkpoint.writer import DEFAULT_SHARD_BYTES, ShardWriter
 from .quantization import QuantReport, Session, _check_coverage, _check_finite, _check_shapes
 from .recipes import Recipe, get_recipe
+from .layer_capture import _Stop, capture_calls, decoder_layers, layer_output
 from .resume_state import PartialRun, fingerprint
 from .targets import Targets, find_targets
 
 log = logging.getLogger("moeq")
-
-
-class _Stop(Exception):
-    pass
-
-
-class _Catcher(nn.Module):
-    """Stands in for decoder layer i during the capture pass: records its call, passes
-    hidden states through unchanged, and stops the forward after the last layer."""
-
-    def __init__(self, layer: nn.Module, i: int, calls: list, last: bool):
-        super().__init__()
-        self.layer, self.i, self.calls, self.last = layer, i, calls, last
-
-    def __getattr__(self, name):
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            return getattr(self._modules["layer"], name)
-
-    def forward(self, hidden_states, *args, **kwargs):
-        self.calls.append((hidden_states if self.i == 0 else None, args, kwargs))
-        if self.last:
-            raise _Stop
-        return hidden_states
-
-
-def decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
-    """The ModuleList of decoder layers: the longest list of same-class blocks."""
-    best = None
-    for name, m in model.named_modules():
-        if isinstance(m, nn.ModuleList) and len(m) and len({type(c) for c in m} - {type(None)}) >= 1:
-            n_layers = getattr(getattr(model.config, "text_config", model.config), "num_hidden_layers", None)
-            if (best is None or len(m) > len(best[1])) and (n_layers is None or len(m) == n_layers):
-                best = (name, m)
-    if best is None:
-        raise ValueError(f"cannot find the decoder layers of {type(model).__name__}; streaming needs a ModuleList of layers")
-    return best
 
 
 def _meta_model(path: Path, dtype):
@@ -229,20 +192,15 @@ def quantize_streaming(model_path, recipe: "str | Recipe", calib_batches, out_di
         masks.append(mask)
     if not calib:
         raise ValueError("calibration data is empty; pass at least one batch of input_ids")
-    calls: list[list] = [[] for _ in layers]
-    originals = list(layers)
-    for i, layer in enumerate(originals):
-        layers[i] = _Catcher(layer, i, calls[i], last=i == len(layers) - 1)
-    try:
+    def run_batches():
         for ids, mask in zip(calib, masks):
             try:  # with the mask, the recorded layer arguments carry the padding-aware attention masks
                 model(input_ids=ids.to(device), use_cache=False,
                       **({} if mask is None else {"attention_mask": mask.long().to(device)}))
             except _Stop:
                 pass
-    finally:
-        for i, layer in enumerate(originals):
-            layers[i] = layer
+
+    calls = capture_calls(layers, run_batches)
     hidden = [c[0] for c in calls[0]]
 
     partial = out.parent / f".{out.name}.moeq-partial"
@@ -292,7 +250,7 @@ def quantize_streaming(model_path, recipe: "str | Recipe", calib_batches, out_di
                     finally:
                         session.batch.token_mask = None
                     _check_finite(session, b)
-                    new_hidden.append((o[0] if isinstance(o, tuple) else o).to("cpu"))
+                    new_hidden.append(layer_output(o).to("cpu"))
                 session.reduce_stats()
                 _check_coverage(session, report, calibrated=True)
                 dropped = set(sub.excluded) - set(targets.excluded)

@@ -56,15 +56,13 @@ def check_supported(steps: tuple[str, ...], recipe) -> None:
                          f"per-{s.granularity} scales (WeightScheme.unit_amax); use algorithm='max' for it")
 
 
-def prepare(session, steps: tuple[str, ...]) -> None:
-    """Before calibration: what the steps need to see during the forward passes."""
-    if "gptq" in steps:
-        from . import gptq
-
-        gptq.attach_hessians(session)
+def needs_data_again(steps: tuple[str, ...]) -> bool:
+    """Whether the steps run the calibration batches again after calibration (so a one-shot
+    iterable must be kept as a list)."""
+    return "gptq" in steps
 
 
-def run(session, steps: tuple[str, ...], report) -> None:
+def run(session, steps: tuple[str, ...], report, batches: list | None, progress: bool = False) -> None:
     """After `Session.finalize`: run the steps on every quantized module."""
     if "mse" in steps:
         from . import mse
@@ -73,4 +71,4 @@ def run(session, steps: tuple[str, ...], report) -> None:
     if "gptq" in steps:
         from . import gptq
 
-        gptq.run(session, report)
+        gptq.run(session, report, batches, progress=progress)

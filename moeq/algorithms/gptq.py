@@ -2,11 +2,18 @@
 routed to each expert, and error-compensated column-wise quantization of the stacked weight.
 
 Hessians: H_e = X_e^T X_e (float32 [E, K, K] per projection) where X_e are the rows the
-expert's matmul saw during calibration: for gate_up the hidden states of the tokens routed
-to e, for down the activated intermediate of e. The rows come from the interception
-(`ExpertsState.sinks`), which knows each row's expert under eager, batched_mm and
-grouped_mm alike. A dense Linear is the same code with E = 1. All layers are calibrated
-from the unquantized model's activations in one pass (not layer-sequential).
+expert's QUANTIZED matmul multiplies (for gate_up the fake-quant hidden states of the tokens
+routed to e, for down the fake-quant activated intermediate of e), so W4A4 weights are
+fitted to the inputs they will see. Layer-sequential (`run`): after max calibration and
+finalize, decoder layer i runs on the outputs of layers 0..i-1, already GPTQ-quantized, so
+each layer corrects the error that reaches it (the layer inputs are recorded once by
+`layer_capture`; two runs of each layer in all). Within the layer being solved, weights
+stay unquantized (its states' mode "inputs": inputs fake-quantized, weights as they are),
+as in the reference sequential pipelines: a down projection is fitted to the activations
+of the gate/up projection GPTQ is about to approximate, not to its round-to-nearest ones. The rows come from the interception
+(`ExpertsState.sinks`, fed in quantize mode), which knows each row's expert under eager,
+batched_mm and grouped_mm alike; padding tokens are dropped as in calibration. A dense
+Linear is the same code with E = 1.
 
 Quantization (Frantar et al. 2022, the reference implementation's order of operations):
 dead input channels (H_kk = 0) are zeroed, dampening PERCDAMP * mean(diag H) per expert, the
@@ -26,8 +33,10 @@ from __future__ import annotations
 import logging
 
 import torch
+from tqdm.auto import tqdm
 
 from ..calibration_stats import full
+from ..layer_capture import _Stop, capture_calls, decoder_layers, layer_output
 from ..quantizer import fake_quant_weight, unit_amax, weight_granularity
 
 log = logging.getLogger("moeq")
@@ -82,18 +91,17 @@ class Hessians:
         add_rows(self.H[proj], self.rows[proj], x, None if ids is None else ids.to(x.device), valid)
 
 
-def attach_hessians(session) -> None:
-    for st in session.experts:
+def attach_hessians(session, states) -> None:
+    """A Hessians sink on each state (ExpertsState / LinearState), kept in session.hessians."""
+    for st in states:
         t = st.target
-        dims = {p: (t.num_experts, t.nk(p).shape[-1]) for p in t.projs}
-        h = Hessians(dims, t.param(t.projs[0]).device)
+        if hasattr(t, "projs"):
+            h = Hessians({p: (t.num_experts, t.nk(p).shape[-1]) for p in t.projs}, t.param(t.projs[0]).device)
+        else:
+            w = t.module.weight
+            h = Hessians({"weight": (1, w.shape[1])}, w.device)
         st.sinks.append(h)
         session.hessians[t.name] = h
-    for name, st in session.linears.items():
-        w = st.target.module.weight
-        h = Hessians({"weight": (1, w.shape[1])}, w.device)
-        st.sinks.append(h)
-        session.hessians[name] = h
 
 
 def _inverse_cholesky(H: torch.Tensor) -> torch.Tensor:
@@ -182,39 +190,111 @@ def quantize_stack(recipe, w_nk: torch.Tensor, H: torch.Tensor, rows: torch.Tens
 
 
 @torch.no_grad()
-def run(session, report, act_order: bool = False) -> None:
+def solve_attached(session, states, report, act_order: bool = False) -> None:
+    """GPTQ for `states` from the Hessians their sinks collected; the sinks are removed."""
     recipe = session.recipe
     per_tensor = weight_granularity(recipe) == "tensor"
-    for st in session.experts:
-        t, h = st.target, session.hessians[st.target.name]
+    for st in states:
+        t = st.target
+        h = session.hessians.pop(t.name)
         st.sinks.remove(h)
-        fallback = set()
-        for p in t.projs:
-            param = t.param(p)
-            w = t.nk(p, full(param.detach()))
-            if not per_tensor and p not in st.group_amax:
-                st.group_amax[p] = unit_amax(recipe, w)  # scales fixed from the original weight
-            new, unseen = quantize_stack(recipe, w, h.H[p], h.rows[p], st.w_amax[p], st.group_amax.get(p), act_order)
-            t.nk(p, param.data).copy_(new)
-            fallback.update(unseen)
-        if fallback:
-            report.rtn_fallback[t.name] = sorted(fallback)
-        del session.hessians[t.name]
-    for name, st in session.linears.items():
-        h = session.hessians.pop(name)
-        st.sinks.remove(h)
-        param = st.target.module.weight
-        w = full(param.detach())
-        if not per_tensor and st.group_amax is None:
-            st.group_amax = unit_amax(recipe, w)
-        ga = None if per_tensor else st.group_amax[None]
-        new, unseen = quantize_stack(recipe, w[None], h.H["weight"], h.rows["weight"], st.w_amax.reshape(1), ga, act_order)
-        param.data.copy_(new[0])
-        if unseen:
-            report.rtn_fallback[name] = [0]
-    session.hessians.clear()
+        if st.cache is not None:  # fake-quant weights cached by the passes before (param.data hides the edit)
+            st.cache.clear()
+        if hasattr(t, "projs"):
+            fallback = set()
+            for p in t.projs:
+                param = t.param(p)
+                w = t.nk(p, full(param.detach()))
+                if not per_tensor and p not in st.group_amax:
+                    st.group_amax[p] = unit_amax(recipe, w)  # scales fixed from the original weight
+                new, unseen = quantize_stack(recipe, w, h.H[p], h.rows[p], st.w_amax[p], st.group_amax.get(p), act_order)
+                t.nk(p, param.data).copy_(new)
+                fallback.update(unseen)
+            if fallback:
+                report.rtn_fallback[t.name] = sorted(fallback)
+        else:
+            param = t.module.weight
+            w = full(param.detach())
+            if not per_tensor and st.group_amax is None:
+                st.group_amax = unit_amax(recipe, w)
+            ga = None if per_tensor else st.group_amax[None]
+            new, unseen = quantize_stack(recipe, w[None], h.H["weight"], h.rows["weight"], st.w_amax.reshape(1), ga,
+                                         act_order)
+            param.data.copy_(new[0])
+            if unseen:
+                report.rtn_fallback[t.name] = [0]
+
+
+@torch.no_grad()
+def run(session, report, batches: list, act_order: bool = False, progress: bool = False) -> None:
+    """Layer-sequential GPTQ on the finalized (fake-quant) model. Decoder layer by layer, in
+    order: its modules' Hessians from the rows their quantized matmuls multiply when the
+    layer runs on the outputs of the layers before it (already GPTQ-quantized), then GPTQ
+    for them, then the layer runs again to give the next layer its inputs. Modules outside
+    the decoder layers (or every module, where no layer list is found) get theirs from one
+    pass of the whole quantized model at the end."""
+    model = session.model
+    was_training = model.training
+    model.eval()
+    try:
+        _run(session, report, batches, act_order, progress)
+    finally:
+        model.train(was_training)
     n = sum(len(v) for v in report.rtn_fallback.values())
     if n:
         msg = f"GPTQ: {n} experts/modules saw no calibration rows and are quantized round-to-nearest (rtn_fallback)"
         report.warnings.append(msg)
         log.warning(msg)
+
+
+def _run(session, report, batches, act_order, progress) -> None:
+    from ..quantization import batch_mask
+
+    model = session.model
+    states = [*session.experts, *session.linears.values()]
+    masks = [batch_mask(b, i) for i, b in enumerate(batches)]
+    batches = [b for b, m in zip(batches, masks) if m is not False]
+    masks = [m for m in masks if m is not False]
+    try:
+        lname, layers = decoder_layers(model)
+    except ValueError:
+        lname, layers = "", []
+    groups = [[st for st in states if st.target.name.startswith(f"{lname}.{i}.")] for i in range(len(layers))]
+    in_layers = {id(st) for g in groups for st in g}
+    rest = [st for st in states if id(st) not in in_layers]
+    last = max((i for i, g in enumerate(groups) if g), default=-1)
+    if last >= 0:
+        def run_batches():
+            for b in batches:
+                try:
+                    model(**b, use_cache=False)
+                except _Stop:
+                    pass
+
+        calls = capture_calls(layers, run_batches)
+        hidden = [c[0] for c in calls[0]]
+        for i in tqdm(range(last + 1), desc="GPTQ layers", disable=not progress, unit="layer"):
+            if groups[i]:
+                attach_hessians(session, groups[i])
+                for st in groups[i]:
+                    st.mode = "inputs"
+                try:
+                    for h, m, (_, args, kwargs) in zip(hidden, masks, calls[i]):
+                        session.batch.token_mask = m
+                        layers[i](h, *args, **kwargs)
+                finally:
+                    session.batch.token_mask = None
+                    for st in groups[i]:
+                        st.mode = "quantize"
+                solve_attached(session, groups[i], report, act_order)
+            if i < last:
+                hidden = [layer_output(layers[i](h, *args, **kwargs)) for h, (_, args, kwargs) in zip(hidden, calls[i])]
+    if rest:
+        attach_hessians(session, rest)
+        try:
+            for b, m in zip(batches, masks):
+                session.batch.token_mask = m
+                model(**b, use_cache=False)
+        finally:
+            session.batch.token_mask = None
+        solve_attached(session, rest, report, act_order)

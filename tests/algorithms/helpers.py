@@ -10,25 +10,38 @@ from moeq.algorithms import gptq
 from quantize.helpers import fresh, gate_ref, tm  # noqa: F401
 
 
-def spy_hessians(monkeypatch) -> dict:
-    """Copies of every module's Hessians (and row counts) taken just before GPTQ uses them."""
-    seen = {}
-    real = gptq.run
+class HessianSpy:
+    """Copies of every module's Hessians (and row counts) taken just before GPTQ solves them
+    (`seen[name] = (H per proj, rows per proj)`), and which modules collect theirs right now."""
 
-    def run(session, report, act_order=False):
-        for name, h in session.hessians.items():
-            seen[name] = ({p: H.clone() for p, H in h.H.items()}, {p: c.clone() for p, c in h.rows.items()})
-        return real(session, report, act_order)
+    def __init__(self, monkeypatch):
+        self.seen, self.collecting = {}, set()
+        attach, solve = gptq.attach_hessians, gptq.solve_attached
 
-    monkeypatch.setattr(gptq, "run", run)
-    return seen
+        def attach_spy(session, states):
+            self.collecting |= {st.target.name for st in states}
+            return attach(session, states)
+
+        def solve_spy(session, states, report, act_order=False):
+            for st in states:
+                h = session.hessians[st.target.name]
+                self.seen[st.target.name] = ({p: H.clone() for p, H in h.H.items()},
+                                             {p: c.clone() for p, c in h.rows.items()})
+                self.collecting.discard(st.target.name)
+            return solve(session, states, report, act_order)
+
+        monkeypatch.setattr(gptq, "attach_hessians", attach_spy)
+        monkeypatch.setattr(gptq, "solve_attached", solve_spy)
 
 
-def record_calls(module) -> tuple[list, object]:
-    """(list of (hidden, top_k_index) per experts call, hook handle)."""
+def record_calls(module, name: str | None = None, spy: HessianSpy | None = None) -> tuple[list, object]:
+    """(list of (hidden, top_k_index) per experts call, hook handle); with a spy, only the
+    calls made while module `name` collects its Hessians."""
     calls = []
 
     def pre(_m, args, kwargs):
+        if spy is not None and name not in spy.collecting:
+            return
         vals = list(args) + list(kwargs.values())
         calls.append((vals[0].detach().clone(), vals[1].detach().clone()))
 

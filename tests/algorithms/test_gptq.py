@@ -11,7 +11,7 @@ import moeq
 from moeq.algorithms import gptq
 from moeq.quantizer import fake_quant_weight, unit_amax
 
-from .helpers import fresh, record_calls, routed_rows, spy_hessians, tm, unfused
+from .helpers import HessianSpy, fresh, record_calls, routed_rows, tm, unfused
 
 
 EXPERTS_ONLY = ["*.self_attn.*", "*.linear_attn.*", "*.shared_expert.*"]  # faster: GPTQ on the experts alone
@@ -83,7 +83,7 @@ def test_one_expert_equals_reference_from_routed_rows(pristine, monkeypatch, imp
     m = fresh(pristine(mt), impl)
     name, mod = tm.experts_modules(m)[0]
     w1, w2 = unfused(mod)
-    calls, h = record_calls(mod)
+    calls, h = record_calls(mod, name, HessianSpy(monkeypatch))
     try:
         rep = moeq.quantize(m, recipe, [tm.random_input_ids(m, 2, 16, seed=s) for s in (1, 2)],
                             progress=False, algorithm="gptq")
