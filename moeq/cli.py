@@ -74,9 +74,6 @@ def cmd_quantize_streaming(a, path: Path, out: Path, rank: int, world: int) -> i
 
     if a.eval:
         raise CliError("--eval needs the whole model in memory; with --streaming run `moeq eval` afterwards")
-    if a.algorithm != "max":
-        raise CliError(f"--algorithm {a.algorithm} is not supported with --streaming yet (layer-by-layer calibration runs "
-                       f"max only); drop --streaming (the model must fit in memory) or use --algorithm max")
     t0 = time.perf_counter()
     tok = transformers.AutoTokenizer.from_pretrained(path)
     config = transformers.AutoConfig.from_pretrained(path)
@@ -86,7 +83,8 @@ def cmd_quantize_streaming(a, path: Path, out: Path, rank: int, world: int) -> i
     dtype = None if a.dtype == "auto" else getattr(torch, a.dtype)
     report, exp = quantize_streaming(path, recipe, D.batches(windows, a.batch_size), out, a.layout,
                                      calib_all_experts=a.calib_all_experts, overwrite=a.overwrite, device=device,
-                                     dtype=dtype, write=rank == 0, trust_remote_code=a.trust_remote_code)
+                                     dtype=dtype, write=rank == 0, trust_remote_code=a.trust_remote_code,
+                                     algorithm=a.algorithm)
     if rank != 0:
         return 0
     png, js = write_coverage(report.tokens_per_expert, out) if report.tokens_per_expert else (None, None)
@@ -127,9 +125,6 @@ def cmd_quantize(a) -> int:
         a.algorithm = algorithm_name(parse_algorithm(a.algorithm))
     except (ValueError, NotImplementedError) as e:
         raise CliError(str(e)) from e
-    if a.streaming and a.algorithm != "max":
-        raise CliError(f"--algorithm {a.algorithm} is not supported with --streaming yet (layer-by-layer calibration runs "
-                       f"max only); drop --streaming (the model must fit in memory) or use --algorithm max")
     calib_src = "demo" if a.calib == "demo" else a.calib
     try:  # read (and validate) the text before loading anything heavy
         D.read_text(calib_src)
@@ -144,9 +139,6 @@ def cmd_quantize(a) -> int:
     from .coverage import write_coverage
 
     rank, world = _init_distributed()
-    if world > 1 and a.algorithm != "max":
-        raise CliError(f"--algorithm {a.algorithm} is not supported in multi-process runs (torchrun) yet; "
-                       f"run one process or use --algorithm max")
     import torch
 
     from .quantization import free_bytes

@@ -100,16 +100,9 @@ class Session:
         counts) with the process group's collective library (gloo on CPU, NCCL on GPU)."""
         import torch.distributed as dist
 
-        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        if _world_size() == 1:
             return
-        backend_device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
-
-        def reduce(t: torch.Tensor, op) -> torch.Tensor:
-            buf = t.to(backend_device)
-            dist.all_reduce(buf, op=op)
-            t.copy_(buf.to(t.device))
-            return t
-
+        reduce = all_reduce_
         for st in self.experts:
             for a in st.in_amax.values():
                 reduce(a, dist.ReduceOp.MAX)
@@ -328,8 +321,12 @@ def quantize(
     if "gptq" in steps and calib_data is None:
         raise ValueError("algorithm 'gptq' needs calib_data (its Hessians come from the calibration activations)")
     if steps and _world_size() > 1:
-        raise NotImplementedError(f"algorithm {algorithms.name(steps)!r} is not supported in multi-process runs "
-                                  f"(torchrun) yet; run it in one process or use algorithm='max'")
+        sharded = [t.name for t in [*targets.experts, *targets.linears]
+                   if any(hasattr(p, "full_tensor") for p in t.module.parameters(recurse=False))]
+        if sharded:
+            raise NotImplementedError(f"algorithm {algorithms.name(steps)!r} rewrites weights, which is not supported "
+                                      f"for sharded (FSDP) parameters such as {sharded[0]}; run it on replicated "
+                                      f"models (one copy per process) or use algorithm='max'")
 
     session = Session(model, recipe, targets)
     report = QuantReport(
@@ -447,6 +444,18 @@ def _probe_forward(model: nn.Module) -> None:
         raise ValueError(f"weight-only quantization without calibration data runs one probe forward on {n} token ids to "
                          f"check that every quantized weight is used; it failed ({type(e).__name__}: {e}). "
                          f"Pass calib_data") from e
+
+
+def all_reduce_(t: torch.Tensor, op) -> torch.Tensor:
+    """t reduced in place over all ranks, through the collective library's device (gloo: CPU,
+    NCCL: the current GPU)."""
+    import torch.distributed as dist
+
+    dev = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+    buf = t.to(dev)
+    dist.all_reduce(buf, op=op)
+    t.copy_(buf.to(t.device))
+    return t
 
 
 def _world_size() -> int:

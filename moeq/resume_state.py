@@ -4,7 +4,8 @@ nothing the next one could trust wrongly.
 `.<out>.moeq-partial/` next to the destination holds:
 
     progress.json          the manifest, rewritten atomically after every layer: the commit point
-    activations-00003.pt   hidden states after the first 3 layers (the input of layer 3)
+    activations-00003.pt   hidden states after the first 3 layers (the input of layer 3); with
+                           GPTQ the pair (unquantized, quantized) of streams
     shard-00000.tmp ...    the export's finished shards (named as transformers does at the end)
 
 Invariants:
@@ -70,7 +71,7 @@ def _model_files(path: Path) -> list:
 
 
 def fingerprint(*, model_path, recipe, layout: str, dtype, calib_all_experts: bool, calib, max_shard_bytes: int,
-                device, world_size: int) -> dict:
+                device, world_size: int, algorithm: str = "max") -> dict:
     """Everything that changes the bytes a streaming run writes, as JSON-comparable values."""
     import transformers
 
@@ -81,7 +82,8 @@ def fingerprint(*, model_path, recipe, layout: str, dtype, calib_all_experts: bo
         "model": str(path), "model files": _model_files(path), "recipe": dataclasses.asdict(recipe),
         "layout": layout, "dtype": str(dtype).removeprefix("torch."), "calib_all_experts": bool(calib_all_experts),
         "calibration tokens": calib_digest(calib), "max_shard_bytes": int(max_shard_bytes),
-        "device": torch.device(device).type, "processes": int(world_size), "moeq version": __version__,
+        "device": torch.device(device).type, "processes": int(world_size), "algorithm": algorithm,
+        "moeq version": __version__,
         "torch version": torch.__version__, "transformers version": transformers.__version__,
     }
     return json.loads(json.dumps(fp, default=str))  # tuples -> lists, as they come back from progress.json
@@ -205,7 +207,7 @@ class PartialRun:
         return None
 
     # -- writing -----------------------------------------------------------------------
-    def commit(self, done: int, hidden: list, shards: list[dict], total_bytes: int, tokens_per_expert: dict,
+    def commit(self, done: int, hidden, shards: list[dict], total_bytes: int, tokens_per_expert: dict,
                excluded: list[str]) -> None:
         """Save the activations after layer `done - 1`, then (the commit point) the manifest."""
         name = f"activations-{done:05d}.pt"

@@ -38,7 +38,7 @@ from .checkpoint.load import CheckpointReader
 from .checkpoint.outdir import check_out_dir, clean_stale, disk_full_error, is_disk_full, publish
 from .checkpoint.plan import checkpoint_plan, fill_from_checkpoint
 from .checkpoint.writer import DEFAULT_SHARD_BYTES, ShardWriter
-from .quantization import QuantReport, Session, _check_coverage, _check_finite, _check_shapes
+from .quantization import QuantReport, Session, _check_coverage, _check_finite, _check_shapes, _world_size
 from .recipes import Recipe, get_recipe
 from .layer_capture import _Stop, capture_calls, decoder_layers, layer_output
 from .resume_state import PartialRun, fingerprint
@@ -126,10 +126,22 @@ def _keep_state_on_failure(run: "PartialRun | None", partial: Path, write: bool)
         raise
 
 
-def _world_size() -> int:
-    import torch.distributed as dist
+@torch.no_grad()
+def _run_algorithms(session, steps, report, layer, qhidden: list, token_masks: list, calls: list, device) -> list:
+    """The calibration algorithms for one finalized layer (see moeq.algorithms). GPTQ takes its
+    Hessians from the quantized stream `qhidden` (the outputs of the already-quantized layers
+    before, as moeq.quantize's layer-sequential GPTQ does) and returns that stream one layer on;
+    without GPTQ the stream is not used and returned as it is."""
+    from .algorithms import gptq, mse
 
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+    if "mse" in steps:
+        mse.run(session)
+    if "gptq" not in steps:
+        return qhidden
+    states = [*session.experts, *session.linears.values()]
+    if states:
+        gptq.solve_layer(session, states, layer, qhidden, token_masks, calls, report, device=device)
+    return [layer_output(layer(h.to(device), *args, **kwargs)).to("cpu") for h, (_, args, kwargs) in zip(qhidden, calls)]
 
 
 @torch.no_grad()
@@ -143,15 +155,14 @@ def quantize_streaming(model_path, recipe: "str | Recipe", calib_batches, out_di
     an interruption (tests). `overwrite` replaces an earlier moeq export (never the source
     model) and discards a partial run made with other options; a partial run made with the
     same options is resumed either way. `trust_remote_code`: as in `moeq.export`."""
-    from .algorithms import name as algorithm_name, parse as parse_algorithm
+    from . import algorithms
 
-    if parse_algorithm(algorithm):
-        raise NotImplementedError(f"algorithm {algorithm_name(parse_algorithm(algorithm))!r} is not supported by streaming "
-                                  f"quantization yet (it calibrates with max); use moeq.quantize on a model in memory")
+    steps = algorithms.parse(algorithm)
     t0 = time.perf_counter()
     path, out = Path(model_path), Path(out_dir)
     recipe = get_recipe(recipe)
     check_supported(layout, recipe)
+    algorithms.check_supported(steps, recipe)
     if recipe.kv_cache is not None:
         raise NotImplementedError(f"kv_cache={recipe.kv_cache!r} is not supported by the streaming (layer by layer) path "
                                   f"yet; quantize in memory (moeq.quantize + moeq.export, CLI without --streaming)")
@@ -203,6 +214,9 @@ def quantize_streaming(model_path, recipe: "str | Recipe", calib_batches, out_di
     calls = capture_calls(layers, run_batches)
     hidden = [c[0] for c in calls[0]]
 
+    # GPTQ is layer-sequential: a second stream of hidden states, the quantized layers' outputs
+    sequential = "gptq" in steps
+    qhidden = hidden
     partial = out.parent / f".{out.name}.moeq-partial"
     done, tokens_per_expert, run, w = 0, {}, None, None
     if write:
@@ -210,7 +224,7 @@ def quantize_streaming(model_path, recipe: "str | Recipe", calib_batches, out_di
         fp = fingerprint(model_path=path, recipe=recipe, layout=layout, dtype=model.dtype,
                          calib_all_experts=calib_all_experts, max_shard_bytes=max_shard_bytes,
                          calib=[b if m is None else b.masked_fill(~m, -1) for b, m in zip(calib, masks)],
-                         device=device, world_size=world)
+                         device=device, world_size=world, algorithm=algorithms.name(steps))
         out.parent.mkdir(parents=True, exist_ok=True)
         clean_stale(out)
         run = PartialRun(partial, fp)
@@ -218,6 +232,8 @@ def quantize_streaming(model_path, recipe: "str | Recipe", calib_batches, out_di
         w = ShardWriter(partial, max_shard_bytes, checksums=True)
         if resumed is not None:
             done, hidden, tokens_per_expert = resumed.done, resumed.hidden, resumed.tokens_per_expert
+            if sequential:
+                hidden, qhidden = hidden
             w.resume(resumed.shards, resumed.total_bytes)
             if resumed.excluded:  # modules the coverage check moved to the exclude list before the interruption
                 dropped = set(resumed.excluded)
@@ -229,7 +245,8 @@ def quantize_streaming(model_path, recipe: "str | Recipe", calib_batches, out_di
                              excluded=list(targets.excluded), tokens_per_expert=dict(tokens_per_expert),
                              never_routed={}, calib_all_experts=calib_all_experts,
                              calib_tokens=sum(b.numel() if m is None else int(m.sum()) for b, m in zip(calib, masks)),
-                             calib_batches=len(calib))
+                             calib_batches=len(calib), algorithm=algorithms.name(steps))
+        token_masks = [None if m is None else m.reshape(-1).to(device) for m in masks]
         bar = tqdm(range(done, len(layers)), desc="layers", disable=not progress, unit="layer")
         for i in bar:
             if stop_after_layers is not None and i >= stop_after_layers:
@@ -244,7 +261,7 @@ def quantize_streaming(model_path, recipe: "str | Recipe", calib_batches, out_di
                 new_hidden = []
                 for b, (h, (_, args, kwargs)) in enumerate(zip(hidden, calls[i])):
                     # padding never reaches the statistics (as in moeq.quantize)
-                    session.batch.token_mask = None if masks[b] is None else masks[b].reshape(-1).to(device)
+                    session.batch.token_mask = token_masks[b]
                     try:
                         o = layers[i](h.to(device), *args, **kwargs)
                     finally:
@@ -259,6 +276,10 @@ def quantize_streaming(model_path, recipe: "str | Recipe", calib_batches, out_di
                     targets.linears = [t for t in targets.linears if t.name not in dropped]
                     targets.excluded = sorted(set(targets.excluded) | dropped)
                 session.finalize(cache_fake_quant=False)
+                if steps:
+                    t_alg = time.perf_counter()
+                    qhidden = _run_algorithms(session, steps, report, layers[i], qhidden, token_masks, calls[i], device)
+                    report.algorithm_seconds += time.perf_counter() - t_alg
             finally:
                 session.detach()
             for st in session.experts:
@@ -286,8 +307,12 @@ def quantize_streaming(model_path, recipe: "str | Recipe", calib_batches, out_di
             if write:
                 for rec in w.records[n_shards:]:
                     rec["layer"] = i
-                run.commit(i + 1, hidden, w.records, w.total_bytes, report.tokens_per_expert, targets.excluded)
+                run.commit(i + 1, (hidden, qhidden) if sequential else hidden, w.records, w.total_bytes, report.tokens_per_expert, targets.excluded)
         report.never_routed = {n: [e for e, c in enumerate(v) if c == 0] for n, v in report.tokens_per_expert.items()}
+        n_rtn = sum(len(v) for v in report.rtn_fallback.values())
+        if n_rtn:
+            report.warnings.append(f"GPTQ: {n_rtn} experts/modules saw no calibration rows and are quantized "
+                                   f"round-to-nearest (rtn_fallback)")
         report.calib_seconds = time.perf_counter() - t0
         if not write:
             return report, None

@@ -3,6 +3,7 @@ against the unquantized model on the held-out split. Prints the README's quality
 
     python scripts/quality_table.py [--samples 64] [--eval-samples 64] [--seq-len 256]
     python scripts/quality_table.py --presets nvfp4,w4a16-int4 --algorithm max,mse,gptq,mse+gptq
+    python scripts/quality_table.py --presets nvfp4 --inputs-only   # + the activation quantization alone
 
 Same data path as `moeq quantize --eval`: calibration on moeq/demo/calib.txt, evaluation
 on moeq/demo/eval.txt (disjoint files), both cut into non-overlapping windows.
@@ -32,6 +33,9 @@ def main(argv=None):
     ap.add_argument("--presets", default=",".join(moeq.PRESETS), help="comma-separated presets (default: all)")
     ap.add_argument("--algorithm", default="max",
                     help="comma-separated calibration algorithms to compare (max, mse, gptq, mse+gptq)")
+    ap.add_argument("--inputs-only", action="store_true",
+                    help="also measure each W4A4/W8A8 preset with its activation quantization alone (weights left "
+                         "unquantized): the error no weight algorithm can remove")
     a = ap.parse_args(argv)
     algorithms = a.algorithm.split(",")
     tok = transformers.AutoTokenizer.from_pretrained(D.DEMO_MODEL)
@@ -48,7 +52,15 @@ def main(argv=None):
             calib_s = rep.calib_seconds + rep.algorithm_seconds
             rows.append((preset, alg, r, calib_s))
             print(f"{preset} {alg}: {r.as_dict()} calibration {calib_s:.1f}s ({time.perf_counter() - t:.0f}s)", flush=True)
-    show_alg = algorithms != ["max"]
+        if a.inputs_only and moeq.get_recipe(preset).input is not None:
+            m = copy.deepcopy(base)
+            rep = moeq.quantize(m, preset, calib, progress=False)
+            for st in [*m.moeq_session.experts, *m.moeq_session.linears.values()]:
+                st.weights_are_fake_quant = True  # the forward then uses the parameters as they are: unquantized
+            r = compare(base, m, evalb)
+            rows.append((preset, "inputs only", r, rep.calib_seconds))
+            print(f"{preset} inputs only: {r.as_dict()}", flush=True)
+    show_alg = algorithms != ["max"] or a.inputs_only
     head = "| preset |" + (" algorithm |" if show_alg else "")
     print(f"\n{head} perplexity | Δ ppl | KL(base‖quant) nats/token | top-1 agreement |"
           + (" calibration s |" if show_alg else "") + "\n|---|" + ("---|" if show_alg else "") + "---|---|---|---|"
@@ -61,7 +73,7 @@ def main(argv=None):
               + (f" {calib_s:.1f} |" if show_alg else ""))
     print(f"\n{rows[0][2].tokens} evaluated tokens; command: python scripts/quality_table.py "
           f"--samples {a.samples} --eval-samples {a.eval_samples} --seq-len {a.seq_len}"
-          + (f" --presets {a.presets} --algorithm {a.algorithm}" if show_alg else ""))
+          + (f" --presets {a.presets} --algorithm {a.algorithm}" if show_alg else "") + (" --inputs-only" if a.inputs_only else ""))
 
 
 if __name__ == "__main__":

@@ -192,12 +192,19 @@ def quantize_stack(recipe, w_nk: torch.Tensor, H: torch.Tensor, rows: torch.Tens
 @torch.no_grad()
 def solve_attached(session, states, report, act_order: bool = False) -> None:
     """GPTQ for `states` from the Hessians their sinks collected; the sinks are removed."""
+    from ..quantization import _world_size, all_reduce_
+
     recipe = session.recipe
     per_tensor = weight_granularity(recipe) == "tensor"
     for st in states:
         t = st.target
         h = session.hessians.pop(t.name)
         st.sinks.remove(h)
+        if _world_size() > 1:  # torchrun: every rank saw its own batches; all solve the summed Hessians alike
+            import torch.distributed as dist
+
+            for x in [*h.H.values(), *h.rows.values()]:
+                all_reduce_(x, dist.ReduceOp.SUM)
         if st.cache is not None:  # fake-quant weights cached by the passes before (param.data hides the edit)
             st.cache.clear()
         if hasattr(t, "projs"):
@@ -223,6 +230,28 @@ def solve_attached(session, states, report, act_order: bool = False) -> None:
             param.data.copy_(new[0])
             if unseen:
                 report.rtn_fallback[t.name] = [0]
+
+
+@torch.no_grad()
+def solve_layer(session, states, layer, hidden: list, masks: list, calls: list, report, act_order: bool = False,
+                device=None) -> None:
+    """GPTQ for the finalized `states` of one decoder layer: Hessians from the layer run on
+    `hidden` (one tensor per batch; masks: its token mask or None; calls: the layer's recorded
+    (_, args, kwargs) per batch; device: where to move each hidden tensor, None = where it is)
+    with inputs fake-quantized and weights as they are, then the solve. Shared by `run` and
+    streaming quantization."""
+    attach_hessians(session, states)
+    for st in states:
+        st.mode = "inputs"
+    try:
+        for h, m, (_, args, kwargs) in zip(hidden, masks, calls):
+            session.batch.token_mask = m
+            layer(h if device is None else h.to(device), *args, **kwargs)
+    finally:
+        session.batch.token_mask = None
+        for st in states:
+            st.mode = "quantize"
+    solve_attached(session, states, report, act_order)
 
 
 @torch.no_grad()
@@ -275,18 +304,7 @@ def _run(session, report, batches, act_order, progress) -> None:
         hidden = [c[0] for c in calls[0]]
         for i in tqdm(range(last + 1), desc="GPTQ layers", disable=not progress, unit="layer"):
             if groups[i]:
-                attach_hessians(session, groups[i])
-                for st in groups[i]:
-                    st.mode = "inputs"
-                try:
-                    for h, m, (_, args, kwargs) in zip(hidden, masks, calls[i]):
-                        session.batch.token_mask = m
-                        layers[i](h, *args, **kwargs)
-                finally:
-                    session.batch.token_mask = None
-                    for st in groups[i]:
-                        st.mode = "quantize"
-                solve_attached(session, groups[i], report, act_order)
+                solve_layer(session, groups[i], layers[i], hidden, masks, calls[i], report, act_order)
             if i < last:
                 hidden = [layer_output(layers[i](h, *args, **kwargs)) for h, (_, args, kwargs) in zip(hidden, calls[i])]
     if rest:

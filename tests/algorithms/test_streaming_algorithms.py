@@ -1,0 +1,68 @@
+"""Calibration algorithms in streaming (layer-by-layer) quantization: the same export as
+moeq.quantize + moeq.export (GPTQ is layer-sequential in both: each layer's Hessians come
+from the outputs of the already-quantized layers before it), resumable, and a changed
+algorithm between runs is refused."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import transformers
+
+import moeq
+from moeq.resume_state import ResumeMismatch
+from moeq.streaming import quantize_streaming
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import tiny_models as tm  # noqa: E402
+from streaming.test_streaming import assert_same_checkpoint  # noqa: E402
+
+
+def _src(tmp_path, model_type):
+    src = tmp_path / "src"
+    tm.tiny_model(model_type).save_pretrained(src)
+    return src, transformers.AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32)
+
+
+@pytest.mark.parametrize("model_type,recipe,layout,algorithm", [
+    ("qwen3_5_moe", "nvfp4", "modelopt", "mse+gptq"),
+    ("mixtral", "w4a16-int4", "compressed-tensors", "gptq"),
+    ("qwen3_moe", "fp8", "compressed-tensors", "mse"),
+])
+def test_streaming_algorithm_equals_in_memory(tmp_path, model_type, recipe, layout, algorithm):
+    src, model = _src(tmp_path, model_type)
+    ids = tm.random_input_ids(model, batch=3, seq=16, seed=3)
+    mask = torch.ones_like(ids)
+    mask[1, 9:] = 0  # padding reaches neither the statistics nor the Hessians, in both paths
+    calib = [{"input_ids": ids, "attention_mask": mask}, tm.random_input_ids(model, batch=2, seq=16, seed=4)]
+    rep_mem = moeq.quantize(model, recipe, calib, progress=False, algorithm=algorithm)
+    moeq.export(model, tmp_path / "mem", layout, progress=False)
+    rep, _ = quantize_streaming(src, recipe, calib, tmp_path / "stream", layout, progress=False, algorithm=algorithm)
+    assert rep.algorithm == rep_mem.algorithm == algorithm
+    assert rep.rtn_fallback == rep_mem.rtn_fallback
+    assert_same_checkpoint(tmp_path / "mem", tmp_path / "stream")
+    # and the algorithm changed something: a max export differs
+    quantize_streaming(src, recipe, calib, tmp_path / "max", layout, progress=False)
+    with pytest.raises(AssertionError):
+        assert_same_checkpoint(tmp_path / "stream", tmp_path / "max")
+
+
+def test_streaming_gptq_resumes_with_both_streams(tmp_path):
+    """Interrupted after layer 1, the resumed GPTQ run continues from the saved unquantized AND
+    quantized hidden states: the export equals an uninterrupted run."""
+    src, model = _src(tmp_path, "qwen3_5_moe")
+    calib = [tm.random_input_ids(model, batch=2, seq=16, seed=s) for s in range(2)]
+    quantize_streaming(src, "nvfp4", calib, tmp_path / "full", progress=False, algorithm="gptq")
+    with pytest.raises(KeyboardInterrupt):
+        quantize_streaming(src, "nvfp4", calib, tmp_path / "resumed", progress=False, algorithm="gptq",
+                           stop_after_layers=1)
+    partial = tmp_path / ".resumed.moeq-partial"
+    assert json.loads((partial / "progress.json").read_text())["done"] == 1
+    with pytest.raises(ResumeMismatch, match="algorithm"):  # another algorithm never continues this one
+        quantize_streaming(src, "nvfp4", calib, tmp_path / "resumed", progress=False, algorithm="max")
+    quantize_streaming(src, "nvfp4", calib, tmp_path / "resumed", progress=False, algorithm="gptq")
+    assert_same_checkpoint(tmp_path / "full", tmp_path / "resumed")
