@@ -4,9 +4,11 @@ against the unquantized model on the held-out split. Prints the README's quality
     python scripts/quality_table.py [--samples 64] [--eval-samples 64] [--seq-len 256]
     python scripts/quality_table.py --presets nvfp4,w4a16-int4 --algorithm max,mse,gptq,mse+gptq
     python scripts/quality_table.py --presets nvfp4 --inputs-only   # + the activation quantization alone
+    python scripts/quality_table.py --model /work/model2/model ...   # second model (train_demo.py --arch qwen3_moe)
 
 Same data path as `moeq quantize --eval`: calibration on moeq/demo/calib.txt, evaluation
-on moeq/demo/eval.txt (disjoint files), both cut into non-overlapping windows.
+on moeq/demo/eval.txt (disjoint files), both cut into non-overlapping windows.  Another
+--model must use the demo's tokenizer (checked: both tokenize these texts identically).
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from __future__ import annotations
 import argparse
 import copy
 import time
+from pathlib import Path
 
 import torch
 import transformers
@@ -25,6 +28,8 @@ from moeq.evaluate import compare
 
 def main(argv=None):
     ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default=str(D.DEMO_MODEL),
+                    help="checkpoint directory (default: the demo model); must share the demo's tokenizer")
     ap.add_argument("--samples", type=int, default=64)
     ap.add_argument("--eval-samples", type=int, default=64)
     ap.add_argument("--seq-len", type=int, default=256)
@@ -38,10 +43,20 @@ def main(argv=None):
                          "unquantized): the error no weight algorithm can remove")
     a = ap.parse_args(argv)
     algorithms = a.algorithm.split(",")
-    tok = transformers.AutoTokenizer.from_pretrained(D.DEMO_MODEL)
-    base = transformers.AutoModelForCausalLM.from_pretrained(D.DEMO_MODEL, dtype=getattr(torch, a.dtype)).eval()
-    calib = D.batches(D.token_windows(tok, D.read_text(D.DEMO_CALIB), a.seq_len, a.samples), a.batch_size)
-    evalb = D.batches(D.token_windows(tok, D.read_text(D.DEMO_EVAL), a.seq_len, a.eval_samples), a.batch_size)
+    other_model = Path(a.model).resolve() != D.DEMO_MODEL.resolve()
+    tok = transformers.AutoTokenizer.from_pretrained(a.model)
+    base = transformers.AutoModelForCausalLM.from_pretrained(a.model, dtype=getattr(torch, a.dtype)).eval()
+    calib_w = D.token_windows(tok, D.read_text(D.DEMO_CALIB), a.seq_len, a.samples)
+    eval_w = D.token_windows(tok, D.read_text(D.DEMO_EVAL), a.seq_len, a.eval_samples)
+    if other_model:  # the held-out texts are the demo's: the tokenizer must be too
+        demo_tok = transformers.AutoTokenizer.from_pretrained(D.DEMO_MODEL)
+        same = (torch.equal(calib_w, D.token_windows(demo_tok, D.read_text(D.DEMO_CALIB), a.seq_len, a.samples))
+                and torch.equal(eval_w, D.token_windows(demo_tok, D.read_text(D.DEMO_EVAL), a.seq_len, a.eval_samples)))
+        if not same:
+            raise SystemExit(f"{a.model}: its tokenizer differs from the demo's ({D.DEMO_MODEL}); "
+                             "the demo's calib/eval texts would not mean the same tokens")
+        print(f"{a.model}: {base.config.model_type}, tokenizer identical to the demo's on calib/eval", flush=True)
+    calib, evalb = D.batches(calib_w, a.batch_size), D.batches(eval_w, a.batch_size)
     rows = []
     for preset in a.presets.split(","):
         for alg in algorithms:
@@ -72,8 +87,10 @@ def main(argv=None):
               + f" {r.ppl_quant:.3f} | {r.ppl_quant - r.ppl_base:+.3f} | {r.kl:.4f} | {100 * r.top1_agreement:.1f}% |"
               + (f" {calib_s:.1f} |" if show_alg else ""))
     print(f"\n{rows[0][2].tokens} evaluated tokens; command: python scripts/quality_table.py "
-          f"--samples {a.samples} --eval-samples {a.eval_samples} --seq-len {a.seq_len}"
-          + (f" --presets {a.presets} --algorithm {a.algorithm}" if show_alg else "") + (" --inputs-only" if a.inputs_only else ""))
+          + (f"--model {a.model} " if other_model else "")
+          + f"--samples {a.samples} --eval-samples {a.eval_samples} --seq-len {a.seq_len}"
+          + (f" --presets {a.presets} --algorithm {a.algorithm}" if show_alg else "")
+          + (" --inputs-only" if a.inputs_only else "") + (f" --dtype {a.dtype}" if a.dtype != "bfloat16" else ""))
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ How to run (from the repository root, CPU only, one thread)::
     . .venv/bin/activate
     python scripts/train_demo.py            # full run (400 steps, ~12 min on a contended core), writes moeq/demo/
     python scripts/train_demo.py --quick    # ~1 min smoke run, writes /tmp/moeq_demo_quick/
+    python scripts/train_demo.py --arch qwen3_moe --out-dir /work/model2   # second model, see below
 
 What it produces in the output directory (default ``moeq/demo``):
 
@@ -45,6 +46,16 @@ a cosine schedule and single-threaded torch.  ``--time-budget`` is only a safety
 cap: if it is hit, training stops early and TRAINING.md says so.  Exact figures
 depend on the Python version whose stdlib supplies the *training* data, and
 on the torch build (bf16 autocast kernels).
+
+Second model (``--arch qwen3_moe``): a plain ``Qwen3MoeForCausalLM`` of about the
+same size (standard GQA attention with q/k norms, plain ``x * w`` RMSNorm, 16 routed
+experts top-4, no shared expert), used to cross-check quantization results on an
+architecture other than the demo's.  It reuses the demo's held-out split and its
+tokenizer (``--data-from``, default ``moeq/demo`` for this arch: ``calib.txt``,
+``eval.txt`` and ``LICENSE-DATA.txt`` are copied into ``--out-dir``, the tokenizer
+files are copied byte-for-byte from ``moeq/demo/model``), so the demo's calibration
+and evaluation texts tokenize identically for both models.  It never writes into
+``moeq/demo``: ``--out-dir`` defaults to ``/tmp/moeq_qwen3_moe``.
 """
 
 from __future__ import annotations
@@ -55,6 +66,7 @@ import math
 import os
 import platform
 import random
+import shutil
 import sys
 import sysconfig
 import time
@@ -65,6 +77,7 @@ import torch
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_OUT = REPO_ROOT / "moeq" / "demo"
 QUICK_OUT = Path("/tmp/moeq_demo_quick")
+QWEN3_MOE_OUT = Path("/tmp/moeq_qwen3_moe")
 
 SEPARATOR = "# ---- file: {name} ----\n"
 EOS_TOKEN = "<|endoftext|>"
@@ -103,6 +116,27 @@ MODEL_CONFIG = dict(
     num_experts_per_tok=4,
     moe_intermediate_size=128,
     shared_expert_intermediate_size=256,
+    router_aux_loss_coef=0.01,
+    max_position_embeddings=2048,
+    tie_word_embeddings=False,
+    rms_norm_eps=1e-6,
+    initializer_range=0.02,
+)
+
+# Second model: plain Qwen3-MoE with about the demo's parameter budget.  Every quantizable
+# weight has K = 256 (hidden; o_proj K = 4*64) or 128 (expert down_proj).
+QWEN3_MOE_CONFIG = dict(
+    vocab_size=4096,
+    hidden_size=256,
+    num_hidden_layers=4,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=64,
+    num_experts=16,
+    num_experts_per_tok=4,
+    moe_intermediate_size=128,
+    norm_topk_prob=True,
+    intermediate_size=512,  # dense MLP size, unused: every layer is MoE (decoder_sparse_step 1)
     router_aux_loss_coef=0.01,
     max_position_embeddings=2048,
     tie_word_embeddings=False,
@@ -265,19 +299,38 @@ def encode(tokenizer, text: str) -> torch.Tensor:
 # -------------------------------------------------------------------------- model
 
 
-def build_model(tokenizer, seed: int):
-    from transformers import Qwen3_5MoeForCausalLM, Qwen3_5MoeTextConfig
+def build_qwen3_5_moe_config(vocab_size: int, eos_token_id: int, pad_token_id: int):
+    from transformers import Qwen3_5MoeTextConfig
 
-    cfg = dict(MODEL_CONFIG)
-    cfg["vocab_size"] = len(tokenizer)
-    config = Qwen3_5MoeTextConfig(
-        **cfg,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        bos_token_id=None,
-    )
+    return Qwen3_5MoeTextConfig(**(MODEL_CONFIG | {"vocab_size": vocab_size}),
+                                eos_token_id=eos_token_id, pad_token_id=pad_token_id, bos_token_id=None)
+
+
+def build_qwen3_moe_config(vocab_size: int, eos_token_id: int, pad_token_id: int):
+    from transformers import Qwen3MoeConfig
+
+    return Qwen3MoeConfig(**(QWEN3_MOE_CONFIG | {"vocab_size": vocab_size}),
+                          eos_token_id=eos_token_id, pad_token_id=pad_token_id, bos_token_id=None)
+
+
+# arch -> (config dict, config builder, model class name in transformers)
+ARCHS = {
+    "qwen3_5_moe": (MODEL_CONFIG, build_qwen3_5_moe_config, "Qwen3_5MoeForCausalLM"),
+    "qwen3_moe": (QWEN3_MOE_CONFIG, build_qwen3_moe_config, "Qwen3MoeForCausalLM"),
+}
+
+
+def build_config(tokenizer, arch: str = "qwen3_5_moe"):
+    _, builder, _ = ARCHS[arch]
+    return builder(len(tokenizer), tokenizer.eos_token_id, tokenizer.pad_token_id)
+
+
+def build_model(tokenizer, seed: int, arch: str = "qwen3_5_moe"):
+    import transformers
+
+    config = build_config(tokenizer, arch)
     torch.manual_seed(seed)
-    return Qwen3_5MoeForCausalLM(config)
+    return getattr(transformers, ARCHS[arch][2])(config)
 
 
 def count_params(model) -> dict:
@@ -412,13 +465,30 @@ def dir_size(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
 
-def save_model(model, tokenizer, model_dir: Path) -> None:
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
+
+
+def save_model(model, tokenizer, model_dir: Path, tokenizer_dir: Path | None = None) -> None:
+    """Save the bf16 checkpoint and the tokenizer (copied byte-for-byte from ``tokenizer_dir`` if given)."""
     model_dir.mkdir(parents=True, exist_ok=True)
     for old in model_dir.iterdir():  # stale shards from a previous run
         if old.is_file():
             old.unlink()
     model.to(torch.bfloat16).save_pretrained(model_dir, safe_serialization=True)
-    tokenizer.save_pretrained(model_dir)
+    if tokenizer_dir is None:
+        tokenizer.save_pretrained(model_dir)
+    else:
+        for name in TOKENIZER_FILES:
+            shutil.copyfile(tokenizer_dir / name, model_dir / name)
+
+
+def reuse_split(src: Path, out_dir: Path):
+    """``load_or_split`` on ``src``'s held-out split: its calib/eval/license files are copied into ``out_dir``."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if src.resolve() != out_dir.resolve():
+        for name in ("calib.txt", "eval.txt", "LICENSE-DATA.txt"):
+            shutil.copyfile(src / name, out_dir / name)
+    return load_or_split(out_dir)
 
 
 def verify_load(model_dir: Path, reference_tokenizer=None, check_text: str | None = None):
@@ -448,8 +518,9 @@ def write_report(out_dir: Path, info: dict) -> None:
     cfg = info["config"]
     p = info["params"]
     t = info["train"]
+    qwen3_moe = info["arch"] == "qwen3_moe"
     lines = [
-        "# moeq demo model: training record",
+        "# moeq second model (qwen3_moe): training record" if qwen3_moe else "# moeq demo model: training record",
         "",
         "Generated by `scripts/train_demo.py`; see its docstring for details.",
         "",
@@ -469,7 +540,7 @@ def write_report(out_dir: Path, info: dict) -> None:
         "",
         "| model | perplexity |",
         "|---|---|",
-        f"| demo model (bf16 checkpoint, fp32 compute) | {info['eval_ppl']:.3f} |",
+        f"| {'qwen3_moe' if qwen3_moe else 'demo'} model (bf16 checkpoint, fp32 compute) | {info['eval_ppl']:.3f} |",
         f"| unigram, add-one smoothed, train-split counts | {info['unigram_ppl']:.3f} |",
         "",
         f"- training wall time: {t['train_seconds']:.0f} s ({t['train_seconds'] / 60:.1f} min) for "
@@ -494,22 +565,42 @@ def write_report(out_dir: Path, info: dict) -> None:
         f"- calib.txt: {info['n_calib_files']} files ({', '.join(info['calib_files'])}), {info['calib_chars']:,} chars",
         f"- eval.txt: {info['n_eval_files']} files ({', '.join(info['eval_files'])}), {info['eval_chars']:,} chars",
         "",
-        "Tokenizer: byte-level BPE (HF `tokenizers`) trained on the train split only, "
-        f"vocab {cfg['vocab_size']}, eos = pad = `{EOS_TOKEN}` (id 0), no BOS; saved as `Qwen3_5Tokenizer` "
-        "(what `AutoTokenizer` uses for this model type) with the same NFC + split-regex + byte-level pipeline.",
+        (f"Held-out split and tokenizer reused from `{info['data_from']}` (files copied byte-for-byte; "
+         f"vocab {cfg['vocab_size']}), so its calib.txt / eval.txt tokenize identically for both models."
+         if info["data_from"] else
+         "Tokenizer: byte-level BPE (HF `tokenizers`) trained on the train split only, "
+         f"vocab {cfg['vocab_size']}, eos = pad = `{EOS_TOKEN}` (id 0), no BOS; saved as `Qwen3_5Tokenizer` "
+         "(what `AutoTokenizer` uses for this model type) with the same NFC + split-regex + byte-level pipeline."),
         "",
-        "## Model (`Qwen3_5MoeForCausalLM`, `Qwen3_5MoeTextConfig`)",
-        "",
-        f"- layers: {cfg['num_hidden_layers']}, layer_types {cfg['layer_types']}",
-        f"- hidden_size {cfg['hidden_size']}, vocab {cfg['vocab_size']}, untied lm_head",
-        f"- full attention: {cfg['num_attention_heads']} heads x head_dim {cfg['head_dim']} "
-        f"({cfg['num_key_value_heads']} KV heads), output-gated, partial rotary",
-        f"- gated delta net: {cfg['linear_num_key_heads']} key heads x {cfg['linear_key_head_dim']}, "
-        f"{cfg['linear_num_value_heads']} value heads x {cfg['linear_value_head_dim']}, "
-        f"conv kernel {cfg['linear_conv_kernel_dim']}",
-        f"- MoE every layer: {cfg['num_experts']} routed experts (top-{cfg['num_experts_per_tok']}), "
-        f"moe_intermediate_size {cfg['moe_intermediate_size']}, shared expert "
-        f"{cfg['shared_expert_intermediate_size']} (sigmoid-gated)",
+    ]
+    if qwen3_moe:
+        lines += [
+            "## Model (`Qwen3MoeForCausalLM`, `Qwen3MoeConfig`)",
+            "",
+            f"- layers: {cfg['num_hidden_layers']}, all standard (GQA, q/k RMSNorm, rotary) attention + MoE",
+            f"- hidden_size {cfg['hidden_size']}, vocab {cfg['vocab_size']}, untied lm_head, plain RMSNorm (x * w)",
+            f"- attention: {cfg['num_attention_heads']} heads x head_dim {cfg['head_dim']} "
+            f"({cfg['num_key_value_heads']} KV heads)",
+            f"- MoE every layer: {cfg['num_experts']} routed experts (top-{cfg['num_experts_per_tok']}, "
+            f"norm_topk_prob {cfg['norm_topk_prob']}), moe_intermediate_size {cfg['moe_intermediate_size']}, "
+            "no shared expert",
+        ]
+    else:
+        lines += [
+            "## Model (`Qwen3_5MoeForCausalLM`, `Qwen3_5MoeTextConfig`)",
+            "",
+            f"- layers: {cfg['num_hidden_layers']}, layer_types {cfg['layer_types']}",
+            f"- hidden_size {cfg['hidden_size']}, vocab {cfg['vocab_size']}, untied lm_head",
+            f"- full attention: {cfg['num_attention_heads']} heads x head_dim {cfg['head_dim']} "
+            f"({cfg['num_key_value_heads']} KV heads), output-gated, partial rotary",
+            f"- gated delta net: {cfg['linear_num_key_heads']} key heads x {cfg['linear_key_head_dim']}, "
+            f"{cfg['linear_num_value_heads']} value heads x {cfg['linear_value_head_dim']}, "
+            f"conv kernel {cfg['linear_conv_kernel_dim']}",
+            f"- MoE every layer: {cfg['num_experts']} routed experts (top-{cfg['num_experts_per_tok']}), "
+            f"moe_intermediate_size {cfg['moe_intermediate_size']}, shared expert "
+            f"{cfg['shared_expert_intermediate_size']} (sigmoid-gated)",
+        ]
+    lines += [
         f"- router aux (load-balancing) loss coef {cfg['router_aux_loss_coef']} during training",
         "- every quantizable weight has input dim K divisible by 128",
         "",
@@ -561,8 +652,14 @@ def cpu_name() -> str:
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--arch", choices=sorted(ARCHS), default="qwen3_5_moe",
+                    help="qwen3_5_moe: the demo model (default); qwen3_moe: the second, plain Qwen3-MoE model")
     ap.add_argument("--out-dir", type=Path, default=None,
-                    help=f"output directory (default {DEFAULT_OUT}, or {QUICK_OUT} with --quick)")
+                    help=f"output directory (default {DEFAULT_OUT}, or {QUICK_OUT} with --quick; "
+                         f"{QWEN3_MOE_OUT}[_quick] with --arch qwen3_moe)")
+    ap.add_argument("--data-from", type=Path, default=None,
+                    help="reuse this directory's calib.txt/eval.txt split and model/ tokenizer instead of "
+                         f"splitting and training a tokenizer (default: {DEFAULT_OUT} with --arch qwen3_moe)")
     ap.add_argument("--quick", action="store_true", help="1-minute smoke run (few steps, short eval)")
     ap.add_argument("--steps", type=int, default=None, help="optimizer steps (default 400; 25 with --quick)")
     ap.add_argument("--time-budget", type=float, default=None,
@@ -584,6 +681,13 @@ def parse_args(argv=None):
     ap.add_argument("--eval-max-windows", type=int, default=None,
                     help="limit evaluation windows (default all; 8 with --quick)")
     args = ap.parse_args(argv)
+    if args.arch != "qwen3_5_moe":
+        if args.out_dir is None:
+            args.out_dir = Path(f"{QWEN3_MOE_OUT}_quick") if args.quick else QWEN3_MOE_OUT
+        if args.out_dir.resolve() == DEFAULT_OUT.resolve():
+            ap.error(f"--arch {args.arch} must not write into the demo directory {DEFAULT_OUT}")
+        if args.data_from is None:
+            args.data_from = DEFAULT_OUT
     if args.out_dir is None:
         args.out_dir = QUICK_OUT if args.quick else DEFAULT_OUT
     if args.steps is None:
@@ -614,18 +718,27 @@ def main(argv=None) -> dict:
     out_dir: Path = args.out_dir
     model_dir = out_dir / "model"
 
-    train_files, calib_files, eval_files = load_or_split(out_dir, resplit=args.resplit)
+    if args.data_from is not None:
+        train_files, calib_files, eval_files = reuse_split(args.data_from, out_dir)
+    else:
+        train_files, calib_files, eval_files = load_or_split(out_dir, resplit=args.resplit)
     calib_text, eval_text = join_files(calib_files), join_files(eval_files)
     train_text = join_files(train_files)
     log(f"data: {len(train_files)} train files ({len(train_text):,} chars), "
         f"calib {len(calib_files)} files ({len(calib_text):,}), eval {len(eval_files)} files ({len(eval_text):,})")
 
-    tokenizer = train_tokenizer([join_files([f]) for f in train_files], MODEL_CONFIG["vocab_size"])
+    tokenizer_dir = None if args.data_from is None else args.data_from / "model"
+    if tokenizer_dir is None:
+        tokenizer = train_tokenizer([join_files([f]) for f in train_files], MODEL_CONFIG["vocab_size"])
+    else:
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir, local_files_only=True)
     train_ids = encode(tokenizer, train_text)
     log(f"tokenizer: vocab {len(tokenizer)}, train stream {train_ids.numel():,} tokens "
         f"({len(train_text) / train_ids.numel():.2f} chars/token)")
 
-    model = build_model(tokenizer, args.seed)
+    model = build_model(tokenizer, args.seed, args.arch)
     params = count_params(model)
     experts_impl = model.config._experts_implementation
     log(f"model: {params['total']:,} params ({params['active_per_token']:,} active/token), "
@@ -634,7 +747,7 @@ def main(argv=None) -> dict:
     stats = train(model, train_ids, args, log=log)
     log(f"training done: {stats['steps_done']} steps in {stats['train_seconds']:.0f}s")
 
-    save_model(model, tokenizer, model_dir)
+    save_model(model, tokenizer, model_dir, tokenizer_dir)
     del model
     model, tok = verify_load(model_dir, tokenizer, check_text=calib_text + eval_text)
     res = evaluate_perplexity(model, tok, eval_text, window=256, max_windows=args.eval_max_windows)
@@ -658,7 +771,8 @@ def main(argv=None) -> dict:
         "calib_files": [n for n, _ in calib_files],
         "n_eval_files": len(eval_files), "eval_chars": len(eval_text),
         "eval_files": [n for n, _ in eval_files],
-        "config": {k: getattr(cfg, k) for k in MODEL_CONFIG} | {"vocab_size": cfg.vocab_size},
+        "config": {k: getattr(cfg, k) for k in ARCHS[args.arch][0]} | {"vocab_size": cfg.vocab_size},
+        "arch": args.arch, "data_from": None if args.data_from is None else str(args.data_from),
         "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
         "experts_impl": experts_impl,
         "expert_load": expert_load(model, eval_ids, max_windows=4 if args.quick else 32),
