@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
+from .calibration_stats import abs_amax
 from .formats import fp8
 
 _T = torch.Tensor
@@ -67,18 +68,18 @@ class AttentionState:
     def handle(self, kind: str, x: torch.Tensor, tokens_dim: int) -> torch.Tensor:
         """Observe (calibrate) or fake-quantize (quantize) k or v, x [B, heads, ...] with its
         tokens along `tokens_dim` (-2 for [B, H, T, D], -1 for K^T [B, H, D, T])."""
-        if self.mode == "calibrate":
-            a = x.abs()
+        if self.mode == "calibrate":  # max |x| read in place (no |x| or masked copy of k/v)
             mask = self.batch.token_mask if self.batch is not None else None
-            if mask is not None:
+            if mask is None:
+                a = abs_amax(x, tuple(range(x.dim())))
+            else:
                 b, t = x.shape[0], x.shape[tokens_dim]
                 if b * t != mask.numel():
                     raise ValueError(f"{self.name}: its {kind} has {b} x {t} tokens but the batch has {mask.numel()}; "
                                      f"calibrate with unpadded batches")
-                shape = [b] + [1] * (x.dim() - 1)
-                shape[tokens_dim] = t
-                a = torch.where(mask.reshape(shape), a, 0)
-            torch.maximum(self.amax[kind], a.amax().float().to(self.amax[kind].device), out=self.amax[kind])
+                per_token = abs_amax(x, tuple(i for i in range(1, x.dim()) if i != tokens_dim % x.dim()))  # [B, T]
+                a = torch.where(mask.reshape(b, t), per_token, 0).amax()
+            torch.maximum(self.amax[kind], a.to(self.amax[kind].device), out=self.amax[kind])
             return x
         return fp8.fake_quant_with_scale(x, self.scale[kind].to(x.device))
 
