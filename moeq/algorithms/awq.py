@@ -47,13 +47,13 @@ log = logging.getLogger("moeq")
 GRID = tuple(i / 20 for i in range(20))  # alpha in [0, 1), AutoAWQ's grid
 NORM_ROWS = 512  # sampled norm-output rows per norm
 EXPERT_ROWS = 64  # sampled routed rows per expert (and per dense down_proj: NORM_ROWS)
+OUT_ROWS = 64  # weight rows per expert the loss is estimated on
 CHECK_TOKENS = 64
 # 90th percentile over tokens of |y' - y| / |y - x| (the layer's own contribution). fp32:
 # folding moves outputs by ~1e-6; 16-bit parameters round every scaled weight (2^-9
 # relative), measured ~3e-3; a wrong fold moves every token by 1e-1 or more.
 CHECK_TOL = {torch.float32: 1e-4, torch.float64: 1e-4}
 CHECK_TOL_16BIT = 3e-2
-_CHUNK_ELEMS = 1 << 24
 
 
 class Sample:
@@ -119,34 +119,60 @@ def scales(stat: torch.Tensor, alpha: float) -> torch.Tensor:
     return s / (s.amax(-1, keepdim=True) * s.amin(-1, keepdim=True)).sqrt()
 
 
-def consumer_loss(recipe, w_nk: torch.Tensor, x: torch.Tensor, s: torch.Tensor, per_expert_input: bool = False) -> float:
-    """sum ||Q(W s) Qin(x / s) - W x||^2. w_nk [E, N, K] (a parameter view, its dtype),
-    x [E, M, K] float32 (zero rows = padding), s [K] or [E, K]."""
-    dtype, E = w_nk.dtype, w_nk.shape[0]
-    s3 = s.to(x.device).unsqueeze(-2) if s.dim() == 2 else s.to(x.device).reshape(1, 1, -1)
-    xs = (x / s3).to(dtype)
-    if recipe.input is not None:
-        prm = None
-        if input_is_static(recipe):
-            a = abs_amax(xs, (1, 2)) if per_expert_input else abs_amax(xs, (0, 1, 2))
-            prm = input_scale_param(recipe, a.clamp_min(1e-12))
-            prm = prm.reshape(-1, 1, 1) if prm.dim() else prm
-        xs = fake_quant_input(recipe, xs, prm)
-    step = max(1, _CHUNK_ELEMS // max(1, w_nk[0].numel()))
-    total = 0.0
-    for c in range(0, E, step):
-        w = w_nk[c:c + step].float()
-        ws = (w * (s3[c:c + step] if s3.shape[0] > 1 else s3)).to(dtype)
-        q = fake_quant_weight(recipe, ws, abs_amax(ws, (1, 2))).float()
-        ref = torch.bmm(x[c:c + step], w.transpose(1, 2))
-        total += float((torch.bmm(xs[c:c + step].float(), q.transpose(1, 2)) - ref).square().sum())
-    return total
+class ConsumerLoss:
+    """loss(s) = sum ||Q(W s) Qin(x / s) - W x||^2 of one quantized consumer, estimated on
+    up to OUT_ROWS output rows per expert (a fixed random subset, the same for every s, and
+    scaled by N / rows: the weight's per-row scales make rows independent). w_nk [E, N, K] (a
+    parameter view, its dtype), x [E, M, K] float32 (zero rows = padding); s [K] or [E, K].
+    The per-expert weight amax stays exact: max_k(colmax_k * s_k)."""
+
+    def __init__(self, recipe, w_nk: torch.Tensor, x: torch.Tensor, per_expert_input: bool = False,
+                 shared: dict | None = None):
+        from ..schemes.table import WEIGHT
+
+        self.recipe, self.x, self.per_expert_input, self.dtype = recipe, x, per_expert_input, w_nk.dtype
+        self.shared = {} if shared is None else shared  # Qin(x / s) of the last s, shared by consumers of one x
+        E, N, K = w_nk.shape
+        unit = WEIGHT[recipe.weight].rows  # block schemes: scales span `unit` rows
+        units = N // unit
+        take = min(units, -(-OUT_ROWS // unit))
+        pick = torch.randperm(units, generator=torch.Generator().manual_seed(0))[:take].sort().values
+        rows = (pick[:, None] * unit + torch.arange(unit)).flatten().to(w_nk.device)
+        self.w = w_nk.detach()[:, rows].float()  # [E, R, K]
+        self.colmax = abs_amax(w_nk.detach(), (1,))  # [E, K]
+        self.factor = N / rows.numel()
+        self.ref = torch.bmm(x, self.w.transpose(1, 2))
+
+    def __call__(self, s: torch.Tensor) -> float:
+        r, x = self.recipe, self.x
+        s3 = s.to(x.device).unsqueeze(-2) if s.dim() == 2 else s.to(x.device).reshape(1, 1, -1)
+        key = (id(x), id(s), self.dtype)
+        xs = self.shared[key] if key in self.shared else self._input(x, s3)
+        self.shared.clear()
+        self.shared[key] = xs
+        ws = (self.w * s3).to(self.dtype)
+        amax = (self.colmax * s3[:, 0]).amax(-1)
+        q = fake_quant_weight(r, ws, amax.expand(ws.shape[0])).float()
+        return self.factor * float((torch.bmm(xs.float(), q.transpose(1, 2)) - self.ref).square().sum())
+
+    def _input(self, x: torch.Tensor, s3: torch.Tensor) -> torch.Tensor:
+        r = self.recipe
+        xs = (x / s3).to(self.dtype)
+        if r.input is not None:
+            prm = None
+            if input_is_static(r):
+                a = abs_amax(xs, (1, 2)) if self.per_expert_input else abs_amax(xs, (0, 1, 2))
+                prm = input_scale_param(r, a.clamp_min(1e-12))
+                prm = prm.reshape(-1, 1, 1) if prm.dim() else prm
+            xs = fake_quant_input(r, xs, prm)
+        return xs
 
 
 @dataclass(eq=False)
 class Group:
-    """One fold: `stat` [K] (norm, dense MLP) or [E, K] (experts' down_proj); `losses` are
-    functions of s, one per quantized consumer; `apply(s)` folds; `params` are what it edits."""
+    """One fold: `stat` [K] (norm, dense MLP) or [E, K] (experts' down_proj); `losses`: one
+    factory per quantized consumer of a ConsumerLoss (built when the group is searched, so
+    one layer's buffers live at a time); `apply(s)` folds; `params` are what it edits."""
 
     name: str
     layer: str
@@ -159,10 +185,10 @@ class Group:
 
 def search(g: Group) -> torch.Tensor:
     """The s of the alpha in GRID with the least loss (the first on ties: alpha = 0 wins ties)."""
-    best = None
+    best, losses = None, [make() for make in g.losses]
     for a in GRID:
         s = scales(g.stat, a)
-        loss = sum(f(s) for f in g.losses)
+        loss = sum(f(s) for f in losses)
         if a == 0:
             g.result["loss_max"] = loss
         if best is None or loss < best[0]:
@@ -307,16 +333,17 @@ def norm_groups(c: Collector, skipped: dict) -> list[Group]:
             skipped[name] = why
             continue
         losses, params = [], [norm.weight] + ([norm.bias] if isinstance(getattr(norm, "bias", None), torch.Tensor) else [])
-        rows = c.norm_rows[name].padded()  # [1, M, K]
+        rows = {}  # the norm rows, padded once for all Linear consumers (their Qin(x / s) is computed once)
         for n, m, kind in consumers:
             params.append(getattr(m, fold.first_proj(m)) if kind == "experts" else m.weight)
             if n not in quantized:
                 continue
             if kind == "experts":
-                w, x = fold.experts_nk(m, fold.first_proj(m)), c.expert_rows[n].padded()
-                losses.append(lambda s, w=w, x=x: consumer_loss(recipe, w, x, s))
+                w = fold.experts_nk(m, fold.first_proj(m))
+                losses.append(lambda w=w, smp=c.expert_rows[n]: ConsumerLoss(recipe, w, smp.padded()))
             else:
-                losses.append(lambda s, w=m.weight, x=rows: consumer_loss(recipe, w[None], x, s))
+                losses.append(lambda w=m.weight, smp=c.norm_rows[name], rows=rows: ConsumerLoss(
+                    recipe, w[None], rows.setdefault("x", smp.padded()), shared=rows.setdefault("q", {})))
 
         def apply(s, norm=norm, offset=offset, consumers=consumers):
             fold.fold_norm(norm, offset, s)
@@ -336,7 +363,7 @@ def down_groups(c: Collector, skipped: dict) -> list[Group]:
         if not fold.gate_is_linear_in_up(m):
             skipped[f"{t.name}.down_proj"] = "the experts' activation is not act(gate) * up"
             continue
-        w, x = fold.experts_nk(m, "down_proj"), c.down_rows[t.name].padded()
+        w, smp = fold.experts_nk(m, "down_proj"), c.down_rows[t.name]
         per = recipe.per_expert_input_scales
         bias = getattr(m, "gate_up_proj_bias", None) if getattr(m, "has_bias", False) else None
 
@@ -348,7 +375,7 @@ def down_groups(c: Collector, skipped: dict) -> list[Group]:
             fold.scale_columns(fold.experts_nk(m, "down_proj"), s)
 
         groups.append(Group(f"{t.name}.down_proj", layer_of(t.name, c.layers), c.down_stat[t.name].mean(),
-                            [lambda s, w=w, x=x: consumer_loss(recipe, w, x, s, per)], apply,
+                            [lambda w=w, smp=smp, per=per: ConsumerLoss(recipe, w, smp.padded(), per)], apply,
                             [m.gate_up_proj, m.down_proj] + ([bias] if bias is not None else [])))
     for name, st in c.session.linears.items():
         parent_name = name.rpartition(".")[0]
@@ -367,7 +394,7 @@ def down_groups(c: Collector, skipped: dict) -> list[Group]:
             fold.scale_columns(down.weight, s)
 
         groups.append(Group(name, layer_of(name, c.layers), c.down_stat[name].mean()[0],
-                            [lambda s, w=down.weight, x=c.down_rows[name].padded(): consumer_loss(recipe, w[None], x, s)],
+                            [lambda w=down.weight, smp=c.down_rows[name]: ConsumerLoss(recipe, w[None], smp.padded())],
                             apply, [up.weight, down.weight] + ([up.bias] if up.bias is not None else [])))
     return groups
 
