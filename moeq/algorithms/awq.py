@@ -45,6 +45,7 @@ from . import fold
 log = logging.getLogger("moeq")
 
 GRID = tuple(i / 20 for i in range(20))  # alpha in [0, 1), AutoAWQ's grid
+DUO = False  # True: s = x^alpha / w^(1 - alpha) (AutoAWQ's duo scaling; measured no better on the demo)
 NORM_ROWS = 512  # sampled norm-output rows per norm
 EXPERT_ROWS = 64  # sampled routed rows per expert (and per dense down_proj: NORM_ROWS)
 OUT_ROWS = 64  # weight rows per expert the loss is estimated on
@@ -111,12 +112,25 @@ class MeanAbs:
         return torch.where(self.rows[:, None] > 0, m, torch.ones_like(m))
 
 
-def scales(stat: torch.Tensor, alpha: float) -> torch.Tensor:
-    """stat [..., K] -> s = stat^alpha normalized by sqrt(max * min) along K (AutoAWQ);
-    the statistic is floored at 1e-4 of its max so a dead channel cannot blow up 1/s."""
-    st = stat.clamp_min(stat.amax(-1, keepdim=True) * 1e-4).clamp_min(1e-12)
-    s = st.pow(alpha)
+def _floor(t: torch.Tensor) -> torch.Tensor:
+    """Floored at 1e-4 of its max, so a dead channel cannot blow up 1/s."""
+    return t.clamp_min(t.amax(-1, keepdim=True) * 1e-4).clamp_min(1e-12)
+
+
+def scales(stat: torch.Tensor, alpha: float, wstat: torch.Tensor | None = None) -> torch.Tensor:
+    """stat [..., K] -> s = stat^alpha (DUO: / wstat^(1 - alpha)) normalized by sqrt(max * min)
+    along K (AutoAWQ)."""
+    s = _floor(stat).pow(alpha)
+    if wstat is not None:
+        s = s / _floor(wstat).pow(1 - alpha)
     return s / (s.amax(-1, keepdim=True) * s.amin(-1, keepdim=True)).sqrt()
+
+
+def weight_stat(w_nk: torch.Tensor) -> torch.Tensor:
+    """Per input channel mean over rows of |W| / max_row |W| (AutoAWQ's duo-scaling weight
+    statistic, rows instead of groups): [E, N, K] -> [E, K]."""
+    w = w_nk.detach().float().abs()
+    return (w / w.amax(-1, keepdim=True).clamp_min(1e-12)).mean(-2)
 
 
 class ConsumerLoss:
@@ -180,18 +194,23 @@ class Group:
     losses: list
     apply: object
     params: list
+    wstat: torch.Tensor | None = None  # weight statistic for DUO scaling, like stat
     result: dict = field(default_factory=dict)
 
 
 def search(g: Group) -> torch.Tensor:
-    """The s of the alpha in GRID with the least loss (the first on ties: alpha = 0 wins ties)."""
-    best, losses = None, [make() for make in g.losses]
+    """The s with the least loss among s = 1 (max) and the alphas of GRID; s = 1 wins ties
+    (result alpha None)."""
+    losses = [make() for make in g.losses]
+    one = torch.ones_like(g.stat)
+    best = (sum(f(one) for f in losses), None, one)
+    g.result["loss_max"] = best[0]
     for a in GRID:
-        s = scales(g.stat, a)
+        if a == 0 and not DUO:
+            continue  # s = 1
+        s = scales(g.stat, a, g.wstat if DUO else None)
         loss = sum(f(s) for f in losses)
-        if a == 0:
-            g.result["loss_max"] = loss
-        if best is None or loss < best[0]:
+        if loss < best[0]:
             best = (loss, a, s)
     g.result.update(loss=best[0], alpha=best[1])
     return best[2]
@@ -350,7 +369,10 @@ def norm_groups(c: Collector, skipped: dict) -> list[Group]:
             for _, m, kind in consumers:
                 fold.scale_columns(fold.experts_nk(m, fold.first_proj(m)) if kind == "experts" else m.weight, s)
 
-        groups.append(Group(name, lname, c.norm_stat[name].mean()[0], losses, apply, params))
+        ws = [weight_stat(fold.experts_nk(m, fold.first_proj(m)) if kind == "experts" else m.weight[None]).mean(0)
+              for n, m, kind in consumers if n in quantized] if DUO else []
+        groups.append(Group(name, lname, c.norm_stat[name].mean()[0], losses, apply, params,
+                            torch.stack(ws).mean(0) if ws else None))
     return groups
 
 
@@ -376,7 +398,8 @@ def down_groups(c: Collector, skipped: dict) -> list[Group]:
 
         groups.append(Group(f"{t.name}.down_proj", layer_of(t.name, c.layers), c.down_stat[t.name].mean(),
                             [lambda w=w, smp=smp, per=per: ConsumerLoss(recipe, w, smp.padded(), per)], apply,
-                            [m.gate_up_proj, m.down_proj] + ([bias] if bias is not None else [])))
+                            [m.gate_up_proj, m.down_proj] + ([bias] if bias is not None else []),
+                            weight_stat(w) if DUO else None))
     for name, st in c.session.linears.items():
         parent_name = name.rpartition(".")[0]
         parent = c.modules.get(parent_name)
@@ -395,7 +418,8 @@ def down_groups(c: Collector, skipped: dict) -> list[Group]:
 
         groups.append(Group(name, layer_of(name, c.layers), c.down_stat[name].mean()[0],
                             [lambda w=down.weight, smp=c.down_rows[name]: ConsumerLoss(recipe, w[None], smp.padded())],
-                            apply, [up.weight, down.weight] + ([up.bias] if up.bias is not None else [])))
+                            apply, [up.weight, down.weight] + ([up.bias] if up.bias is not None else []),
+                            weight_stat(down.weight[None])[0] if DUO else None))
     return groups
 
 
