@@ -272,8 +272,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
     q.add_argument("--calib-all-experts", action="store_true", help="every expert's statistics see every token")
     q.add_argument("--algorithm", default="max",
-                   help="calibration algorithm: max (default), mse (clipping search per scale), gptq (error-compensated "
-                        "weights from per-expert Hessians), or a combination such as mse+gptq")
+                   help="calibration algorithm: max (default), awq (activation-aware scales folded into the weights), "
+                        "mse (clipping search per scale), gptq (error-compensated weights from per-expert Hessians), "
+                        "or a combination such as mse+gptq or awq+gptq")
     q.add_argument("--trust-remote-code", action="store_true",
                    help="carry the model's own .py files and auto_map into the export (left out by default)")
     q.add_argument("--exclude", action="append", default=[], help="extra fnmatch pattern of modules to leave unquantized")

@@ -290,9 +290,11 @@ def quantize(
     weights' device and the parameters are not sharded (FSDP2).
     layout: the export layout to check before calibration (a combination vLLM cannot load is
     refused here instead of at export).
-    algorithm: "max" (default: scales from each weight's amax), "mse" (clipping search per
-    scale unit), "gptq" (error-compensated weights from per-expert Hessians; needs
-    calib_data), or a combination "mse+gptq" / ("mse", "gptq"); see moeq.algorithms.
+    algorithm: "max" (default: scales from each weight's amax), "awq" (activation-aware
+    per-channel scales folded into norms, routers and weights before calibration; needs
+    calib_data, iterated twice), "mse" (clipping search per scale unit), "gptq"
+    (error-compensated weights from per-expert Hessians; needs calib_data), or a combination
+    "mse+gptq" / ("awq", "gptq"); see moeq.algorithms.
     """
     from . import algorithms
 

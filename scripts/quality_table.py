@@ -31,7 +31,7 @@ def main(argv=None):
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--presets", default=",".join(moeq.PRESETS), help="comma-separated presets (default: all)")
     ap.add_argument("--algorithm", default="max",
-                    help="comma-separated calibration algorithms to compare (max, mse, gptq, mse+gptq)")
+                    help="comma-separated calibration algorithms to compare (max, awq, mse, gptq, mse+gptq, awq+gptq, ...)")
     a = ap.parse_args(argv)
     algorithms = a.algorithm.split(",")
     tok = transformers.AutoTokenizer.from_pretrained(D.DEMO_MODEL)
