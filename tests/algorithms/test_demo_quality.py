@@ -3,8 +3,9 @@ quantizing the fused experts only to keep the test short. Plain "mse" is not her
 lowers the weight reconstruction error (tests/algorithms/test_mse.py), and the KL of the
 whole-model table in the README, but in this short experts-only setting it did not
 (measured: nvfp4 0.00204 vs max 0.00184, int4 0.00120 vs 0.00107): too close to call. Plain
-"awq" on int4 neither (0.00116 vs 0.00107 here, 0.00119 vs 0.00117 on 64 eval windows); on
-nvfp4 its margin is small (0.00181 vs 0.00184): the demo has few activation outliers."""
+"awq" on int4 neither (0.00119 vs 0.00107; 64 eval windows: 0.00119 vs 0.00117); on nvfp4
+(W4A4: the scales also flatten the quantized inputs) it does, 0.00173 vs 0.00184, and
+awq+gptq on int4 0.00103."""
 
 from __future__ import annotations
 
