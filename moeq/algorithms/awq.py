@@ -241,7 +241,10 @@ def _tensors(args, kwargs):
 
 
 class Collector:
-    """Hooks and sinks of the statistics pass."""
+    """Hooks and sinks of the statistics pass. Norms: a decoder layer's direct children whose
+    class name holds "Norm" with a 1-D weight the size of their output's last dim. Every other
+    module of the layer gets a pre-hook matching its input tensors against the layer's norm
+    outputs by storage (`receivers`); the experts and Linear states' sinks give the routed rows."""
 
     def __init__(self, session):
         self.session, model = session, session.model
@@ -295,6 +298,9 @@ class Collector:
     def _norm_out(self, name: str, out) -> None:
         if not isinstance(out, torch.Tensor):
             self.blocked[name] = f"returns {type(out).__name__}, not a tensor"
+            return
+        if out.shape[-1] != self.modules[name].weight.numel():
+            self.blocked[name] = f"its weight ({self.modules[name].weight.numel()}) is not one per output channel"
             return
         if any(n == name for n, _ in self.live.values()):
             self.blocked[name] = "called more than once per layer forward"
