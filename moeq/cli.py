@@ -125,6 +125,9 @@ def cmd_quantize(a) -> int:
         a.algorithm = algorithm_name(parse_algorithm(a.algorithm))
     except (ValueError, NotImplementedError) as e:
         raise CliError(str(e)) from e
+    if a.streaming and "awq" in a.algorithm:
+        raise CliError(f"--algorithm {a.algorithm}: awq is not supported with --streaming yet; drop --streaming (the "
+                       f"model must fit in memory) or use gptq / mse")
     calib_src = "demo" if a.calib == "demo" else a.calib
     try:  # read (and validate) the text before loading anything heavy
         D.read_text(calib_src)
@@ -264,8 +267,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
     q.add_argument("--calib-all-experts", action="store_true", help="every expert's statistics see every token")
     q.add_argument("--algorithm", default="max",
-                   help="calibration algorithm: max (default), mse (clipping search per scale), gptq (error-compensated "
-                        "weights from per-expert Hessians), or a combination such as mse+gptq")
+                   help="calibration algorithm: max (default), awq (activation-aware scales folded into the weights), "
+                        "mse (clipping search per scale), gptq (error-compensated weights from per-expert Hessians), "
+                        "or a combination such as mse+gptq or awq+gptq")
     q.add_argument("--trust-remote-code", action="store_true",
                    help="carry the model's own .py files and auto_map into the export (left out by default)")
     q.add_argument("--exclude", action="append", default=[], help="extra fnmatch pattern of modules to leave unquantized")

@@ -41,9 +41,11 @@ class QuantReport:
     calib_seconds: float = 0.0
     calib_all_experts: bool = False
     warnings: list[str] = field(default_factory=list)
-    algorithm: str = "max"  # calibration algorithm (moeq.algorithms): max | mse | gptq | mse+gptq
-    algorithm_seconds: float = 0.0  # time of the algorithm's own step after the calibration forwards
+    algorithm: str = "max"  # calibration algorithm (moeq.algorithms): max | awq | mse | gptq | combinations
+    algorithm_seconds: float = 0.0  # the algorithm's own time (AWQ: its statistics pass too), not the max calibration
     rtn_fallback: dict[str, list[int]] = field(default_factory=dict)  # GPTQ: experts without rows, left to RTN
+    awq: dict[str, dict] = field(default_factory=dict)  # AWQ: folded group -> alpha, loss, loss_max (alpha = 0)
+    awq_skipped: dict[str, str] = field(default_factory=dict)  # AWQ: group not folded -> why
 
     def summary(self) -> str:
         n_never = sum(len(v) for v in self.never_routed.values())
@@ -58,6 +60,9 @@ class QuantReport:
             n_rtn = sum(len(v) for v in self.rtn_fallback.values())
             lines.append(f"algorithm {self.algorithm}: {self.algorithm_seconds:.2f}s"
                          + (f", {n_rtn} round-to-nearest fallbacks (no calibration rows)" if n_rtn else ""))
+            if "awq" in self.algorithm:
+                lines.append(f"awq: {len(self.awq)} scale groups folded, {len(self.awq_skipped)} not"
+                             + "".join(f"\n  {k}: {v}" for k, v in self.awq_skipped.items()))
         return "\n".join(lines + [f"warning: {w}" for w in self.warnings])
 
 
@@ -288,9 +293,11 @@ def quantize(
     weights' device and the parameters are not sharded (FSDP2).
     layout: the export layout to check before calibration (a combination vLLM cannot load is
     refused here instead of at export).
-    algorithm: "max" (default: scales from each weight's amax), "mse" (clipping search per
-    scale unit), "gptq" (error-compensated weights from per-expert Hessians; needs
-    calib_data), or a combination "mse+gptq" / ("mse", "gptq"); see moeq.algorithms.
+    algorithm: "max" (default: scales from each weight's amax), "awq" (activation-aware
+    per-channel scales folded into norms, routers and weights before calibration; needs
+    calib_data, iterated twice), "mse" (clipping search per scale unit), "gptq"
+    (error-compensated weights from per-expert Hessians; needs calib_data), or a combination
+    "mse+gptq" / ("awq", "gptq"); see moeq.algorithms.
     """
     from . import algorithms
 
@@ -320,6 +327,11 @@ def quantize(
     algorithms.check_supported(steps, recipe)
     if "gptq" in steps and calib_data is None:
         raise ValueError("algorithm 'gptq' needs calib_data (its Hessians come from the calibration activations)")
+    if "awq" in steps and calib_data is None:
+        raise ValueError("algorithm 'awq' needs calib_data (its scales come from the calibration activations)")
+    if "awq" in steps and _world_size() > 1:
+        raise NotImplementedError("algorithm 'awq' is not supported in multi-process runs (torchrun) yet (its scales "
+                                  "would differ per process); run it in one process, or use 'gptq' / 'mse'")
     if steps and _world_size() > 1:
         sharded = [t.name for t in [*targets.experts, *targets.linears]
                    if any(hasattr(p, "full_tensor") for p in t.module.parameters(recurse=False))]
@@ -337,12 +349,19 @@ def quantize(
         algorithm=algorithms.name(steps),
     )
     if calib_data is not None and algorithms.needs_data_again(steps):
-        calib_data = list(_batches(calib_data, model))  # iterated again, layer by layer
+        calib_data = list(_batches(calib_data, model))  # iterated more than once
     session.attach(calib_all_experts)
     try:
         was_training = model.training
         model.eval()
+        before_s = 0.0
         try:
+            if "awq" in steps:
+                t0 = time.perf_counter()
+                scratch = QuantReport(recipe.name, [], [], {}, {})
+                algorithms.run_before(session, steps, lambda: _calibrate(model, session, calib_data, scratch, progress),
+                                      calib_data, report)
+                before_s = time.perf_counter() - t0
             if calib_data is not None:
                 _calibrate(model, session, calib_data, report, progress)
             else:
@@ -356,7 +375,7 @@ def quantize(
         if steps:
             t0 = time.perf_counter()
             algorithms.run(session, steps, report, calib_data, progress)
-            report.algorithm_seconds = time.perf_counter() - t0
+            report.algorithm_seconds = time.perf_counter() - t0 + before_s
     except BaseException:
         session.detach()
         raise

@@ -37,7 +37,7 @@ def main(argv=None):
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--presets", default=",".join(moeq.PRESETS), help="comma-separated presets (default: all)")
     ap.add_argument("--algorithm", default="max",
-                    help="comma-separated calibration algorithms to compare (max, mse, gptq, mse+gptq)")
+                    help="comma-separated calibration algorithms to compare (max, awq, mse, gptq, mse+gptq, awq+gptq, ...)")
     ap.add_argument("--inputs-only", action="store_true",
                     help="also measure each W4A4/W8A8 preset with its activation quantization alone (weights left "
                          "unquantized): the error no weight algorithm can remove")

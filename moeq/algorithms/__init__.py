@@ -12,21 +12,26 @@ its export stay identical:
 - the module's parameters, rewritten in place (GPTQ): the dequantized GPTQ weights, whose
   round-to-nearest quantization with the fixed scales gives exactly the GPTQ codes.
 
-Steps run in this order whatever order they are named in: mse (clipping search, weights
-only) then gptq (error compensation with per-expert Hessians, needs calibration data;
-it keeps the scales mse chose). "awq" is not implemented yet and is refused.
+Steps run in this order whatever order they are named in: awq, mse, gptq.
+- awq (activation-aware scaling, needs calibration data) runs BEFORE max calibration: its
+  own statistics pass, then per-channel scales folded into the norms, routers, experts and
+  Linears (`run_before`), so the model the max statistics see is already scaled and the
+  export needs no extra tensor. A third kind of result: rewritten parameters whose
+  unquantized function is unchanged.
+- mse (clipping search, weights only) then gptq (error compensation with per-expert
+  Hessians, needs calibration data; it keeps the scales mse chose) run after.
 """
 
 from __future__ import annotations
 
-ALGORITHMS = ("max", "mse", "gptq")
-_ORDER = ("mse", "gptq")
-_NOT_YET = {"awq": "AWQ-style scaling is not implemented yet (issue #15, part 4); use 'mse', 'gptq' or 'mse+gptq'"}
+ALGORITHMS = ("max", "awq", "mse", "gptq")
+_ORDER = ("awq", "mse", "gptq")
+_NOT_YET: dict[str, str] = {}
 
 
 def parse(algorithm) -> tuple[str, ...]:
-    """'max' | 'mse' | 'gptq' | 'mse+gptq' | ('mse', 'gptq') -> the steps to run after max
-    calibration, in run order (() for plain max)."""
+    """'max' | 'awq' | 'mse' | 'gptq' | 'awq+mse+gptq' | ('mse', 'gptq') -> the steps, in run
+    order (() for plain max)."""
     names = algorithm.split("+") if isinstance(algorithm, str) else list(algorithm)
     names = [str(n).strip().lower() for n in names]
     if not names or any(not n for n in names):
@@ -51,19 +56,28 @@ def check_supported(steps: tuple[str, ...], recipe) -> None:
     from ..schemes.table import WEIGHT
 
     s = WEIGHT[recipe.weight]
-    if steps and s.granularity != "tensor" and s.unit_amax is None:
+    if {"mse", "gptq"} & set(steps) and s.granularity != "tensor" and s.unit_amax is None:
         raise ValueError(f"calibration algorithm {name(steps)!r} needs the weight scheme {s.name!r} to accept fixed "
                          f"per-{s.granularity} scales (WeightScheme.unit_amax); use algorithm='max' for it")
 
 
+def run_before(session, steps: tuple[str, ...], calibrate, calib_data, report) -> None:
+    """Before max calibration: AWQ's statistics pass (calibrate() runs one), scale search and
+    folds; the calibration statistics are reset afterwards."""
+    if "awq" in steps:
+        from . import awq
+
+        awq.run(session, calibrate, calib_data, report)
+
+
 def needs_data_again(steps: tuple[str, ...]) -> bool:
-    """Whether the steps run the calibration batches again after calibration (so a one-shot
-    iterable must be kept as a list)."""
-    return "gptq" in steps
+    """Whether the steps run the calibration batches more than once (so a one-shot iterable
+    must be kept as a list): AWQ's statistics pass, GPTQ's layer-sequential passes."""
+    return "gptq" in steps or "awq" in steps
 
 
 def run(session, steps: tuple[str, ...], report, batches: list | None, progress: bool = False) -> None:
-    """After `Session.finalize`: run the steps on every quantized module."""
+    """After `Session.finalize`: run mse and gptq on every quantized module."""
     if "mse" in steps:
         from . import mse
 

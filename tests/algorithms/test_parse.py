@@ -17,8 +17,8 @@ def test_parse():
     for bad in ("", "maxx", "max+gptq", "mse+"):
         with pytest.raises(ValueError):
             algorithms.parse(bad)
-    with pytest.raises(NotImplementedError, match="AWQ"):
-        algorithms.parse("awq+gptq")
+    assert algorithms.parse("gptq+awq+mse") == ("awq", "mse", "gptq")  # run order: awq -> mse -> gptq
+    assert algorithms.name(algorithms.parse("gptq+awq")) == "awq+gptq"
 
 
 def test_gptq_needs_data(pristine):
@@ -30,7 +30,7 @@ def test_streaming_refuses(tmp_path):
     from moeq.streaming import quantize_streaming
 
     with pytest.raises(NotImplementedError, match="streaming"):
-        quantize_streaming(tmp_path, "nvfp4", [], tmp_path / "out", algorithm="mse")
+        quantize_streaming(tmp_path, "nvfp4", [], tmp_path / "out", algorithm="awq+gptq")
 
 
 def test_report(pristine):
@@ -44,7 +44,7 @@ def test_report(pristine):
 def test_cli_refusals(capsys):
     from moeq.cli import main
 
-    assert main(["quantize", "--algorithm", "awq"]) != 0
-    assert "AWQ" in capsys.readouterr().err
-    assert main(["quantize", "--algorithm", "gptq", "--streaming"]) != 0
+    assert main(["quantize", "--algorithm", "awqq"]) != 0
+    assert "awqq" in capsys.readouterr().err
+    assert main(["quantize", "--algorithm", "awq", "--streaming"]) != 0
     assert "--streaming" in capsys.readouterr().err
