@@ -45,6 +45,21 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).norm() / b.norm())
 
 
+def _gptq_recording(monkeypatch, m, recipe, name, mod):
+    """GPTQ on two batches, recording the experts module's calls: (spy, calls of the calibration
+    pass, calls while it collects its Hessians, batches)."""
+    spy = HessianSpy(monkeypatch)
+    every, h_all = record_calls(mod)
+    hess, h_hess = record_calls(mod, name, spy)
+    batches = [tm.random_input_ids(m, 2, 16, seed=s) for s in (1, 2)]
+    try:
+        moeq.quantize(m, recipe, batches, progress=False, algorithm="gptq")
+    finally:
+        h_all.remove()
+        h_hess.remove()
+    return spy, every[:len(batches)], hess, batches  # the calibration pass comes first
+
+
 EXPERTS_ONLY = ["*.self_attn.*", "*.linear_attn.*", "*.shared_expert.*", "*.shared_expert_gate"]
 
 
@@ -57,16 +72,7 @@ def test_w4a4_hessians_are_grams_of_fake_quant_inputs(pristine, monkeypatch):
     m = fresh(pristine(mt))
     name, mod = tm.experts_modules(m)[0]
     w1, _ = unfused(mod)
-    spy = HessianSpy(monkeypatch)
-    every, h_all = record_calls(mod)
-    hess, h_hess = record_calls(mod, name, spy)
-    batches = [tm.random_input_ids(m, 2, 16, seed=s) for s in (1, 2)]
-    try:
-        moeq.quantize(m, recipe, batches, progress=False, algorithm="gptq")
-    finally:
-        h_all.remove()
-        h_hess.remove()
-    calib = every[:len(batches)]  # the calibration pass comes first
+    spy, calib, hess, _ = _gptq_recording(monkeypatch, m, recipe, name, mod)
     amax_x = max(x.abs().max() for x, _ in calib).float()
     amax_act = max(routed_rows(mod, mt, w1, calib, e)[1].abs().amax() if calib else 0 for e in range(w1.shape[0]))
     H, rows = spy.seen[name]
@@ -96,16 +102,7 @@ def test_later_layers_see_the_quantized_earlier_layers(pristine, monkeypatch):
     mods = tm.experts_modules(m)
     assert len(mods) >= 2
     name, mod = mods[1]
-    spy = HessianSpy(monkeypatch)
-    every, h_all = record_calls(mod)
-    hess, h_hess = record_calls(mod, name, spy)
-    batches = [tm.random_input_ids(m, 2, 16, seed=s) for s in (1, 2)]
-    try:
-        moeq.quantize(m, recipe, batches, progress=False, algorithm="gptq")
-    finally:
-        h_all.remove()
-        h_hess.remove()
-    calib = every[:len(batches)]
+    _, calib, hess, batches = _gptq_recording(monkeypatch, m, recipe, name, mod)
     final, h_final = record_calls(mod)
     try:
         with torch.no_grad():
