@@ -221,8 +221,10 @@ def search(g: Group) -> torch.Tensor:
     return best[2]
 
 
-def decoder_layers(model: nn.Module) -> dict[str, nn.Module]:
-    """Elements of the outermost nn.ModuleLists (decoder layers), by name."""
+def blocks(model: nn.Module) -> dict[str, nn.Module]:
+    """Elements of every outermost nn.ModuleList (decoder layers, and those of a vision tower or
+    MTP head alike), by name: the units a fold stays within and the safety check runs on. (Not
+    `layer_capture.decoder_layers`, which picks the one list the model's forward loops over.)"""
     out = {}
     for name, m in model.named_modules():
         if isinstance(m, nn.ModuleList) and not any(name.startswith(p + ".") for p in out):
@@ -248,7 +250,7 @@ class Collector:
 
     def __init__(self, session):
         self.session, model = session, session.model
-        self.layers = decoder_layers(model)
+        self.layers = blocks(model)
         self.modules = dict(model.named_modules())
         self.norms = {}  # name -> layer
         for lname, layer in self.layers.items():
