@@ -138,18 +138,18 @@ def solve(w: torch.Tensor, H: torch.Tensor, quant_col, block: int = BLOCK, act_o
     Q = torch.zeros_like(W)
     for i1 in range(0, K, block):
         i2 = min(i1 + block, K)
-        W1 = W[:, :, i1:i2].clone()
+        W1 = W[:, :, i1:i2].transpose(1, 2).contiguous()  # [E, B, N]: each column contiguous
         Q1, Err1 = torch.zeros_like(W1), torch.zeros_like(W1)
         Hinv1 = Hinv[:, i1:i2, i1:i2]
         for i in range(i2 - i1):
-            col = W1[:, :, i]
+            col = W1[:, i]
             q = quant_col(col, perm[:, i1 + i])
-            Q1[:, :, i] = q
+            Q1[:, i] = q
             err = (col - q) / Hinv1[:, i, i][:, None]
-            W1[:, :, i:] -= err[:, :, None] * Hinv1[:, None, i, i:]
-            Err1[:, :, i] = err
-        Q[:, :, i1:i2] = Q1
-        W[:, :, i2:] -= torch.bmm(Err1, Hinv[:, i1:i2, i2:])
+            W1[:, i + 1:] -= Hinv1[:, i, i + 1:, None] * err[:, None, :]  # (column i itself is done)
+            Err1[:, i] = err
+        Q[:, :, i1:i2] = Q1.transpose(1, 2)
+        W[:, :, i2:] -= torch.bmm(Err1.transpose(1, 2), Hinv[:, i1:i2, i2:])
     if act_order:
         Q = Q.gather(2, torch.argsort(perm, dim=1)[:, None, :].expand(E, N, K))
     return Q
