@@ -99,6 +99,13 @@ class ExpertsState:
         # callables (proj, x [S, K], expert ids [S], valid [S] | None) fed every routed row (GPTQ Hessians)
         self.sinks: list = []
 
+    def reset_statistics(self) -> None:
+        """Forget what calibration observed (AWQ's statistics pass before the real one)."""
+        for a in self.in_amax.values():
+            a.zero_()
+        self.tokens.zero_()
+        self.calls = 0
+
     @torch.no_grad()
     def observe(self, proj: str, xk: torch.Tensor, rows, valid_rows: torch.Tensor | None = None) -> None:
         """xk: the matmul input with K last; rows: ("one", e) | ("ids", [S]) | ("offs", offsets).
@@ -355,6 +362,11 @@ class LinearState:
         self.shared_in_amax: torch.Tensor | None = None
         self.group_amax: torch.Tensor | None = None  # see ExpertsState.group_amax; [N, K/g]
         self.sinks: list = []  # see ExpertsState.sinks; called with proj "weight", ids None
+
+    def reset_statistics(self) -> None:
+        """See ExpertsState.reset_statistics."""
+        self.in_amax.zero_()
+        self.calls = 0
 
     @torch.no_grad()
     def observe(self, x: torch.Tensor) -> None:

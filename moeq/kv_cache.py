@@ -64,6 +64,10 @@ class AttentionState:
         self.mode = "calibrate"
         self.batch = None
 
+    def reset_statistics(self) -> None:
+        for a in self.amax.values():
+            a.zero_()
+
     @torch.no_grad()
     def handle(self, kind: str, x: torch.Tensor, tokens_dim: int) -> torch.Tensor:
         """Observe (calibrate) or fake-quantize (quantize) k or v, x [B, heads, ...] with its

@@ -96,6 +96,11 @@ class Session:
     def detach(self) -> None:
         self.hooks.remove()
 
+    def reset_statistics(self) -> None:
+        """Forget every calibration statistic (AWQ: calibration runs again on the scaled model)."""
+        for st in [*self.experts, *self.linears.values(), *self.attention]:
+            st.reset_statistics()
+
     def __deepcopy__(self, memo):
         raise TypeError("a moeq-quantized model cannot be deep-copied (its hooks point at this model's state); "
                         "deep-copy the model before moeq.quantize, or export it and moeq.load the export twice")

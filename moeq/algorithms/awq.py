@@ -482,21 +482,6 @@ def _check_ids(calib_data) -> torch.Tensor:
     return row[:CHECK_TOKENS].reshape(1, -1)
 
 
-def reset_stats(session) -> None:
-    """Forget the statistics pass: calibration then runs again on the scaled model."""
-    for st in session.experts:
-        for a in st.in_amax.values():
-            a.zero_()
-        st.tokens.zero_()
-        st.calls = 0
-    for st in session.linears.values():
-        st.in_amax.zero_()
-        st.calls = 0
-    for st in session.attention:
-        for a in st.amax.values():
-            a.zero_()
-
-
 @torch.no_grad()
 def run(session, calibrate, calib_data, report) -> None:
     """calibrate(): one calibration pass over calib_data through the session's hooks.
@@ -555,4 +540,4 @@ def run(session, calibrate, calib_data, report) -> None:
         for k in kept:
             report.awq[k.name] = {**k.result, "check": err}
     report.awq_skipped.update(skipped)
-    reset_stats(session)
+    session.reset_statistics()

@@ -233,25 +233,34 @@ def solve_attached(session, states, report, act_order: bool = False) -> None:
 
 
 @torch.no_grad()
-def solve_layer(session, states, layer, hidden: list, masks: list, calls: list, report, act_order: bool = False,
-                device=None) -> None:
-    """GPTQ for the finalized `states` of one decoder layer: Hessians from the layer run on
-    `hidden` (one tensor per batch; masks: its token mask or None; calls: the layer's recorded
-    (_, args, kwargs) per batch; device: where to move each hidden tensor, None = where it is)
-    with inputs fake-quantized and weights as they are, then the solve. Shared by `run` and
-    streaming quantization."""
+def collect_and_solve(session, states, forwards, report, act_order: bool = False) -> None:
+    """GPTQ for the finalized `states`: Hessian sinks attached and the states in mode "inputs"
+    (inputs fake-quantized, weights as they are) while forwards() runs the calibration batches
+    through them, then the solve. forwards() sets session.batch.token_mask per batch."""
     attach_hessians(session, states)
     for st in states:
         st.mode = "inputs"
     try:
-        for h, m, (_, args, kwargs) in zip(hidden, masks, calls):
-            session.batch.token_mask = m
-            layer(h if device is None else h.to(device), *args, **kwargs)
+        forwards()
     finally:
         session.batch.token_mask = None
         for st in states:
             st.mode = "quantize"
     solve_attached(session, states, report, act_order)
+
+
+def solve_layer(session, states, layer, hidden: list, masks: list, calls: list, report, act_order: bool = False,
+                device=None) -> None:
+    """`collect_and_solve` for the states of one decoder layer, run on `hidden` (one tensor per
+    batch; masks: its token mask or None; calls: the layer's recorded (_, args, kwargs) per
+    batch; device: where to move each hidden tensor, None = where it is). Shared by `run` and
+    streaming quantization."""
+    def forwards():
+        for h, m, (_, args, kwargs) in zip(hidden, masks, calls):
+            session.batch.token_mask = m
+            layer(h if device is None else h.to(device), *args, **kwargs)
+
+    collect_and_solve(session, states, forwards, report, act_order)
 
 
 @torch.no_grad()
@@ -308,11 +317,9 @@ def _run(session, report, batches, act_order, progress) -> None:
             if i < last:
                 hidden = [layer_output(layers[i](h, *args, **kwargs)) for h, (_, args, kwargs) in zip(hidden, calls[i])]
     if rest:
-        attach_hessians(session, rest)
-        try:
+        def forwards():
             for b, m in zip(batches, masks):
                 session.batch.token_mask = m
                 model(**b, use_cache=False)
-        finally:
-            session.batch.token_mask = None
-        solve_attached(session, rest, report, act_order)
+
+        collect_and_solve(session, rest, forwards, report, act_order)
