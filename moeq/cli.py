@@ -125,9 +125,6 @@ def cmd_quantize(a) -> int:
         a.algorithm = algorithm_name(parse_algorithm(a.algorithm))
     except (ValueError, NotImplementedError) as e:
         raise CliError(str(e)) from e
-    if a.streaming and "awq" in a.algorithm:
-        raise CliError(f"--algorithm {a.algorithm}: awq is not supported with --streaming yet; drop --streaming (the "
-                       f"model must fit in memory) or use gptq / mse")
     calib_src = "demo" if a.calib == "demo" else a.calib
     try:  # read (and validate) the text before loading anything heavy
         D.read_text(calib_src)

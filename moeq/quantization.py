@@ -334,9 +334,6 @@ def quantize(
         raise ValueError("algorithm 'gptq' needs calib_data (its Hessians come from the calibration activations)")
     if "awq" in steps and calib_data is None:
         raise ValueError("algorithm 'awq' needs calib_data (its scales come from the calibration activations)")
-    if "awq" in steps and _world_size() > 1:
-        raise NotImplementedError("algorithm 'awq' is not supported in multi-process runs (torchrun) yet (its scales "
-                                  "would differ per process); run it in one process, or use 'gptq' / 'mse'")
     if steps and _world_size() > 1:
         sharded = [t.name for t in [*targets.experts, *targets.linears]
                    if any(hasattr(p, "full_tensor") for p in t.module.parameters(recurse=False))]

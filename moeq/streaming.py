@@ -36,7 +36,7 @@ from .checkpoint.export import (ExportReport, _check_shared_keys, _copy_source_f
 from .checkpoint.layouts import check_experts_supported, check_supported
 from .checkpoint.load import CheckpointReader
 from .checkpoint.outdir import check_out_dir, clean_stale, disk_full_error, is_disk_full, publish
-from .checkpoint.plan import checkpoint_plan, fill_from_checkpoint
+from .checkpoint.plan import checkpoint_plan, fill_from_checkpoint, to_checkpoint
 from .checkpoint.writer import DEFAULT_SHARD_BYTES, ShardWriter
 from .quantization import QuantReport, Session, _check_coverage, _check_finite, _check_shapes, _world_size
 from .recipes import Recipe, get_recipe
@@ -127,6 +127,21 @@ def _keep_state_on_failure(run: "PartialRun | None", partial: Path, write: bool)
 
 
 @torch.no_grad()
+def _run_awq(session, name, layer, hidden, token_masks, calls, report, device, own, plan, reader) -> dict:
+    """AWQ's statistics, search and folds for one layer (`awq.run_layer`); returns the checkpoint
+    tensors of the layer's unquantized parameters it rewrote (norms, routers, biases), which the
+    export must take from memory. The quantized ones are written from the module as always."""
+    from .algorithms import awq
+
+    edited = {id(p) for p in awq.run_layer(session, name, layer, hidden, token_masks, calls, report, device)}
+    quantized = {f"{st.target.name}.{p}" for st in session.experts for p in st.target.projs}
+    quantized |= {f"{n}.weight" for n in session.linears}
+    sd = session.model.state_dict(keep_vars=True)
+    changed = {n: sd[n] for n in own if n not in quantized and id(sd[n]) in edited}
+    return to_checkpoint(changed, plan, reader.__getitem__)
+
+
+@torch.no_grad()
 def _run_algorithms(session, steps, report, layer, qhidden: list, token_masks: list, calls: list, device) -> list:
     """The calibration algorithms for one finalized layer (see moeq.algorithms). GPTQ takes its
     Hessians from the quantized stream `qhidden` (the outputs of the already-quantized layers
@@ -163,9 +178,6 @@ def quantize_streaming(model_path, recipe: "str | Recipe", calib_batches, out_di
     recipe = get_recipe(recipe)
     check_supported(layout, recipe)
     algorithms.check_supported(steps, recipe)
-    if "awq" in steps:
-        raise NotImplementedError("algorithm 'awq' is not supported by streaming quantization yet (it folds scales "
-                                  "across a layer before calibrating it); quantize in memory, or use 'gptq' / 'mse'")
     if recipe.kv_cache is not None:
         raise NotImplementedError(f"kv_cache={recipe.kv_cache!r} is not supported by the streaming (layer by layer) path "
                                   f"yet; quantize in memory (moeq.quantize + moeq.export, CLI without --streaming)")
@@ -260,7 +272,13 @@ def quantize_streaming(model_path, recipe: "str | Recipe", calib_batches, out_di
             sub = _sub_targets(targets, prefixes[i])
             session = Session(model, recipe, sub)
             session.attach(calib_all_experts)
+            folded = {}  # checkpoint key -> tensor: unquantized parameters AWQ rewrote
             try:
+                if "awq" in steps:  # before the layer's calibration, on the unquantized stream (see moeq.algorithms)
+                    t_alg = time.perf_counter()
+                    folded = _run_awq(session, f"{layers_name}.{i}", layers[i], hidden, token_masks, calls[i], report,
+                                      device, own, plan, reader)
+                    report.algorithm_seconds += time.perf_counter() - t_alg
                 new_hidden = []
                 for b, (h, (_, args, kwargs)) in enumerate(zip(hidden, calls[i])):
                     # padding never reaches the statistics (as in moeq.quantize)
@@ -301,7 +319,7 @@ def quantize_streaming(model_path, recipe: "str | Recipe", calib_batches, out_di
                          _write_experts(w, layout, recipe, st, p, plan[n]))
                     elif n not in tied:
                         for key in dict.fromkeys(piece.key for piece in plan[n]):
-                            w.add(key, reader[key])
+                            w.add(key, folded[key] if key in folded else reader[key])
                 w.flush()
             mat.free(own)
             reader.release()

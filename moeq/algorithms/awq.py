@@ -28,6 +28,11 @@ its folds (unquantized); if the output moved by more than rounding (CHECK_TOL) t
 folds are reverted one group at a time and the culprits listed in `QuantReport.awq_skipped`.
 Then every calibration statistic is reset and the normal max calibration runs on the
 scaled model (`moeq.quantization.quantize`).
+
+Streaming (`run_layer`): the same collection, search, folds and check for one decoder layer
+on its recorded inputs, before the layer's calibration. torchrun: statistics (`Collector.
+reduce`) and candidate losses (`search`) are summed over ranks and the check's error is the
+largest over ranks, so every rank folds the same scales.
 """
 
 from __future__ import annotations
@@ -205,20 +210,38 @@ class Group:
 
 def search(g: Group) -> torch.Tensor:
     """The s with the least loss among s = 1 (max) and the alphas of GRID; s = 1 wins ties
-    (result alpha None)."""
+    (result alpha None). Multi-process: each rank's sample loss is summed over ranks before the
+    choice, so every rank folds the same s."""
     losses = [make() for make in g.losses]
-    one = torch.ones_like(g.stat)
-    best = (sum(f(one) for f in losses), None, one)
-    g.result["loss_max"] = best[0]
-    for a in GRID:
-        if a == 0 and not DUO:
-            continue  # s = 1
-        s = scales(g.stat, a, g.wstat if DUO else None)
-        loss = sum(f(s) for f in losses)
-        if loss < best[0]:
-            best = (loss, a, s)
-    g.result.update(loss=best[0], alpha=best[1])
-    return best[2]
+    cands = [(None, torch.ones_like(g.stat))] + [(a, scales(g.stat, a, g.wstat if DUO else None))
+                                                 for a in GRID if a != 0 or DUO]  # alpha 0 without DUO: s = 1
+    total = torch.tensor([sum(f(s) for f in losses) for _, s in cands], dtype=torch.float64, device=g.stat.device)
+    total = _sum_over_ranks(total)
+    i = int(torch.argmin(total))  # the first minimum: s = 1 wins ties
+    g.result.update(loss_max=float(total[0]), loss=float(total[i]), alpha=cands[i][0])
+    return cands[i][1]
+
+
+def _sum_over_ranks(t: torch.Tensor) -> torch.Tensor:
+    from ..quantization import _world_size, all_reduce_
+
+    if _world_size() > 1:
+        import torch.distributed as dist
+
+        all_reduce_(t, dist.ReduceOp.SUM)
+    return t
+
+
+def _max_over_ranks(x: float) -> float:
+    from ..quantization import _world_size, all_reduce_
+
+    if _world_size() == 1:
+        return x
+    import torch.distributed as dist
+
+    t = torch.tensor([x], dtype=torch.float64)
+    all_reduce_(t, dist.ReduceOp.MAX)
+    return float(t)
 
 
 def blocks(model: nn.Module) -> dict[str, nn.Module]:
@@ -248,9 +271,9 @@ class Collector:
     module of the layer gets a pre-hook matching its input tensors against the layer's norm
     outputs by storage (`receivers`); the experts and Linear states' sinks give the routed rows."""
 
-    def __init__(self, session):
+    def __init__(self, session, layers: dict[str, nn.Module] | None = None):
         self.session, model = session, session.model
-        self.layers = blocks(model)
+        self.layers = blocks(model) if layers is None else layers
         self.modules = dict(model.named_modules())
         self.norms = {}  # name -> layer
         for lname, layer in self.layers.items():
@@ -295,6 +318,14 @@ class Collector:
             st.sinks.remove(f)
         self.handles, self.sinks = [], []
         self.live.clear()
+
+    def reduce(self) -> None:
+        """Multi-process: the mean |x| statistics summed over ranks (every rank runs every layer
+        on its own batches, so each has the same statistics to reduce, in name order)."""
+        for stats in (self.norm_stat, self.down_stat):
+            for name in sorted(stats):
+                _sum_over_ranks(stats[name].sum)
+                _sum_over_ranks(stats[name].rows)
 
     @torch.no_grad()
     def _norm_out(self, name: str, out) -> None:
@@ -438,27 +469,33 @@ def down_groups(c: Collector, skipped: dict) -> list[Group]:
 
 class LayerCheck:
     """Inputs and output of every decoder layer on one short sequence, captured before any
-    fold; `error(layer)` reruns the layer and measures how far its output moved."""
+    fold (`cap`: name -> [args, kwargs, output]); `error(layer)` reruns the layer and measures
+    how far its output moved (the largest over ranks in a multi-process run)."""
 
-    def __init__(self, model: nn.Module, layers: dict, ids: torch.Tensor):
-        self.layers, self.cap = layers, {}
-        handles = []
+    def __init__(self, layers: dict, cap: dict):
+        self.layers, self.cap = layers, cap
+
+    @classmethod
+    @torch.no_grad()
+    def capture(cls, model: nn.Module, layers: dict, ids: torch.Tensor) -> "LayerCheck":
+        """One forward of `model` on ids records every layer's first call."""
+        cap, handles = {}, []
         for name, layer in layers.items():
             def pre(m, args, kwargs, name=name):
-                if name not in self.cap:
-                    self.cap[name] = [tuple(a.clone() if isinstance(a, torch.Tensor) else a for a in args), dict(kwargs), None]
+                if name not in cap:
+                    cap[name] = [tuple(a.clone() if isinstance(a, torch.Tensor) else a for a in args), dict(kwargs), None]
 
             def post(m, args, kwargs, out, name=name):
-                if self.cap[name][2] is None:
-                    self.cap[name][2] = _first(out).detach().clone()
+                if cap[name][2] is None:
+                    cap[name][2] = _first(out).detach().clone()
             handles += [layer.register_forward_pre_hook(pre, with_kwargs=True),
                         layer.register_forward_hook(post, with_kwargs=True)]
         try:
-            with torch.no_grad():
-                model(input_ids=ids, use_cache=False)
+            model(input_ids=ids, use_cache=False)
         finally:
             for h in handles:
                 h.remove()
+        return cls(layers, cap)
 
     @torch.no_grad()
     def error(self, name: str) -> float:
@@ -467,7 +504,7 @@ class LayerCheck:
         x = args[0] if args and isinstance(args[0], torch.Tensor) else kwargs.get("hidden_states")
         base = ref.float() - x.float() if isinstance(x, torch.Tensor) and x.shape == ref.shape else ref.float()
         err = (y - ref.float()).norm(dim=-1) / base.norm(dim=-1).clamp_min(1e-30)
-        return float(torch.quantile(err.flatten(), 0.9))
+        return _max_over_ranks(float(torch.quantile(err.flatten(), 0.9)))
 
 
 def _first(out):
@@ -490,17 +527,59 @@ def run(session, calibrate, calib_data, report) -> None:
     model = session.model
     c = Collector(session)
     emb = model.get_input_embeddings()
-    check = LayerCheck(model, c.layers, _check_ids(calib_data).to(emb.weight.device))
+    check = LayerCheck.capture(model, c.layers, _check_ids(calib_data).to(emb.weight.device))
+    _collect(c, calibrate)
+    fold_layers(c, check, report)
+    session.reset_statistics()
+
+
+@torch.no_grad()
+def run_layer(session, name: str, layer: nn.Module, hidden: list, masks: list, calls: list, report,
+              device=None) -> list[torch.Tensor]:
+    """AWQ for one decoder layer on its recorded inputs (streaming quantization): hidden[b] the
+    layer's input for batch b, masks[b] its token mask or None, calls[b] the recorded
+    (_, args, kwargs). The check runs on the first batch. Returns the parameters the kept folds
+    rewrote (the streaming export writes these from memory, not from the checkpoint)."""
+    move = (lambda h: h) if device is None else (lambda h: h.to(device))  # noqa: E731
+    _, args, kwargs = calls[0]
+    h0 = move(hidden[0])
+    check = LayerCheck({name: layer}, {name: [(h0, *args), dict(kwargs), _first(layer(h0, *args, **kwargs)).clone()]})
+
+    def forwards():
+        try:
+            for h, m, (_, args, kwargs) in zip(hidden, masks, calls):
+                session.batch.token_mask = m
+                layer(move(h), *args, **kwargs)
+        finally:
+            session.batch.token_mask = None
+
+    c = Collector(session, {name: layer})
+    _collect(c, forwards)
+    edited = fold_layers(c, check, report)
+    session.reset_statistics()
+    return edited
+
+
+def _collect(c: Collector, forwards) -> None:
     c.attach()
     try:
-        calibrate()
+        forwards()
     finally:
         c.detach()
+    c.reduce()
+
+
+@torch.no_grad()
+def fold_layers(c: Collector, check: LayerCheck, report) -> list[torch.Tensor]:
+    """Search and fold every group the collected statistics allow, layer by layer, each layer's
+    folds checked (`LayerCheck`) and reverted one group at a time if its output moved. Fills
+    report.awq / report.awq_skipped; returns the parameters the kept folds rewrote."""
     skipped = {}
     groups = norm_groups(c, skipped) + down_groups(c, skipped)
     by_layer = defaultdict(list)
     for g in groups:
         by_layer[g.layer].append(g)
+    edited = {}
     for lname, gs in by_layer.items():
         if lname not in check.cap or check.cap[lname][2] is None:
             skipped.update({g.name: "its layer did not run on the check sequence" for g in gs})
@@ -539,5 +618,6 @@ def run(session, calibrate, calib_data, report) -> None:
         err = check.error(lname) if kept else 0.0
         for k in kept:
             report.awq[k.name] = {**k.result, "check": err}
+            edited.update({id(p): p for p in k.params})
     report.awq_skipped.update(skipped)
-    session.reset_statistics()
+    return list(edited.values())

@@ -117,3 +117,30 @@ def fill_from_checkpoint(dst: torch.Tensor, pieces: list[Piece], read) -> None:
             dst[piece.expert][piece.rows] = src.reshape(len(piece.rows), -1)
         else:
             dst[piece.rows] = src.reshape(len(piece.rows), -1)
+
+
+def to_checkpoint(params: dict[str, torch.Tensor], plan: dict[str, list[Piece]], read) -> dict[str, torch.Tensor]:
+    """The inverse of `fill_from_checkpoint` for parameters changed in memory: param name ->
+    tensor in, checkpoint key -> tensor out (read(key) -> the original tensor: its shape and
+    dtype, and the parts of a shared key that other parameters own)."""
+    out: dict[str, torch.Tensor] = {}
+    for name, value in params.items():
+        value = value.detach()
+        for piece in plan[name]:
+            if piece.key not in out:
+                out[piece.key] = read(piece.key).clone()
+            key_t = out[piece.key]
+            if piece.rows is None:
+                part = value
+            elif piece.mode == "elements":
+                part = value.reshape(-1)[piece.rows.to(value.device)]
+            elif piece.expert is not None:
+                part = value[piece.expert][piece.rows.to(value.device)]
+            else:
+                part = value[piece.rows.to(value.device)]
+            part = part.to(device=key_t.device, dtype=key_t.dtype)
+            if piece.src is None:
+                key_t.copy_(part.reshape(key_t.shape))
+            else:
+                key_t.view(piece.n_probe, -1)[piece.src.to(key_t.device)] = part.reshape(len(piece.src), -1)
+    return out

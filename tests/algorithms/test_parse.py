@@ -26,13 +26,6 @@ def test_gptq_needs_data(pristine):
         moeq.quantize(fresh(pristine("qwen3_5_moe")), "w4a16-int4", None, progress=False, algorithm="gptq")
 
 
-def test_streaming_refuses(tmp_path):
-    from moeq.streaming import quantize_streaming
-
-    with pytest.raises(NotImplementedError, match="streaming"):
-        quantize_streaming(tmp_path, "nvfp4", [], tmp_path / "out", algorithm="awq+gptq")
-
-
 def test_report(pristine):
     m = fresh(pristine("qwen3_5_moe"))
     recipe = moeq.get_recipe("w4a16-int4").with_exclude(add=["*.self_attn.*", "*.linear_attn.*", "*.shared_expert.*"])
@@ -46,5 +39,3 @@ def test_cli_refusals(capsys):
 
     assert main(["quantize", "--algorithm", "awqq"]) != 0
     assert "awqq" in capsys.readouterr().err
-    assert main(["quantize", "--algorithm", "awq", "--streaming"]) != 0
-    assert "--streaming" in capsys.readouterr().err

@@ -1,7 +1,8 @@
 """Calibration algorithms in streaming (layer-by-layer) quantization: the same export as
 moeq.quantize + moeq.export (GPTQ is layer-sequential in both: each layer's Hessians come
 from the outputs of the already-quantized layers before it), resumable, and a changed
-algorithm between runs is refused."""
+algorithm between runs is refused. AWQ runs per layer before the layer's calibration and
+agrees with moeq.quantize to float rounding (see test_streaming_awq_matches_in_memory)."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import torch
 import transformers
 
 import moeq
+from moeq.checkpoint.load import CheckpointReader
 from moeq.resume_state import ResumeMismatch
 from moeq.streaming import quantize_streaming
 
@@ -65,4 +67,61 @@ def test_streaming_gptq_resumes_with_both_streams(tmp_path):
     with pytest.raises(ResumeMismatch, match="algorithm"):  # another algorithm never continues this one
         quantize_streaming(src, "nvfp4", calib, tmp_path / "resumed", progress=False, algorithm="max")
     quantize_streaming(src, "nvfp4", calib, tmp_path / "resumed", progress=False, algorithm="gptq")
+    assert_same_checkpoint(tmp_path / "full", tmp_path / "resumed")
+
+
+def _assert_close_checkpoints(a: Path, b: Path) -> None:
+    """Same tensors; floats equal to float rounding, quantized codes (and FP8 scales) equal but
+    for rare rounding flips."""
+    ra, rb = CheckpointReader(a), CheckpointReader(b)
+    assert set(ra.files) == set(rb.files)
+    for k in ra.files:
+        x, y = ra[k], rb[k]
+        assert x.dtype == y.dtype and x.shape == y.shape, k
+        if x.dtype.is_floating_point and x.element_size() > 1:
+            torch.testing.assert_close(x.float(), y.float(), rtol=1e-4, atol=1e-6, msg=k)
+        else:
+            x, y = (x.view(torch.uint8), y.view(torch.uint8)) if x.element_size() == 1 else (x, y)
+            assert (x == y).float().mean() > 0.98, k
+
+
+@pytest.mark.parametrize("model_type,recipe,layout,algorithm", [
+    ("qwen3_moe", "nvfp4", "modelopt", "awq"),
+    ("mixtral", "w4a16-int4", "compressed-tensors", "awq+gptq"),  # mixtral: the router's checkpoint key is renamed
+])
+def test_streaming_awq_matches_in_memory(tmp_path, model_type, recipe, layout, algorithm):
+    """AWQ per layer in streaming: the same scales as in memory, folded into the norms and
+    routers the streaming export writes from memory (not from the source checkpoint). Layer i's
+    AWQ statistics come from the outputs of the already folded layers before it (in memory: of
+    the unscaled model), the same up to float rounding, so the exports agree to rounding."""
+    src, model = _src(tmp_path, model_type)
+    ids = tm.random_input_ids(model, batch=3, seq=16, seed=3)
+    mask = torch.ones_like(ids)
+    mask[1, 9:] = 0
+    calib = [{"input_ids": ids, "attention_mask": mask}, tm.random_input_ids(model, batch=2, seq=16, seed=4)]
+    rep_mem = moeq.quantize(model, recipe, calib, progress=False, algorithm=algorithm)
+    moeq.export(model, tmp_path / "mem", layout, progress=False)
+    rep, _ = quantize_streaming(src, recipe, calib, tmp_path / "stream", layout, progress=False, algorithm=algorithm)
+    alphas = {k: v["alpha"] for k, v in rep.awq.items()}
+    assert alphas == {k: v["alpha"] for k, v in rep_mem.awq.items()} and rep.awq_skipped == rep_mem.awq_skipped
+    _assert_close_checkpoints(tmp_path / "mem", tmp_path / "stream")
+    stream, source = CheckpointReader(tmp_path / "stream"), CheckpointReader(src)
+    folded = [k for k, a in alphas.items() if a is not None and k.endswith("post_attention_layernorm")]
+    routers = [r for k in folded for r in source.files  # each folded norm's router (scaled with it)
+               if r.startswith(k.rpartition(".")[0] + ".") and r.endswith(("mlp.gate.weight", "moe.gate.weight"))]
+    assert folded and len(routers) == len(folded)
+    for k in [f"{k}.weight" for k in folded] + routers:  # the folds reached the export
+        assert not torch.allclose(stream[k].float(), source[k].float(), rtol=1e-3), k
+
+
+def test_streaming_awq_resumes(tmp_path):
+    """Interrupted after layer 1, the resumed AWQ run (layer 0's folds already exported, layer
+    1's statistics from the saved stream) equals an uninterrupted run."""
+    src, model = _src(tmp_path, "qwen3_moe")
+    calib = [tm.random_input_ids(model, batch=2, seq=16, seed=s) for s in range(2)]
+    quantize_streaming(src, "nvfp4", calib, tmp_path / "full", progress=False, algorithm="awq")
+    with pytest.raises(KeyboardInterrupt):
+        quantize_streaming(src, "nvfp4", calib, tmp_path / "resumed", progress=False, algorithm="awq",
+                           stop_after_layers=1)
+    quantize_streaming(src, "nvfp4", calib, tmp_path / "resumed", progress=False, algorithm="awq")
     assert_same_checkpoint(tmp_path / "full", tmp_path / "resumed")

@@ -1,19 +1,23 @@
-"""GPTQ under torchrun (2 processes, gloo): each rank calibrates on its half of the windows,
-the Hessians are summed over ranks before every solve, so the export equals a single process
-on all windows up to float summation order (Hessian sums in another order may flip a rare
-rounding)."""
+"""Algorithms under torchrun (2 processes, gloo). GPTQ: each rank calibrates on its half of the
+windows, the Hessians are summed over ranks before every solve, so the export equals a single
+process on all windows up to float summation order (Hessian sums in another order may flip a
+rare rounding). AWQ: statistics and search losses summed over ranks, every rank folds alike."""
 
 from __future__ import annotations
 
+import os
+import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
 
+from moeq.algorithms import awq
 from moeq.checkpoint.load import CheckpointReader
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import tiny_models as tm  # noqa: E402
 from model_dirs import make_model_dir  # noqa: E402
 from streaming.test_streaming import _cli  # noqa: E402
 
@@ -41,3 +45,32 @@ def test_two_process_gptq_equals_single_process(tmp_path, streaming):
         else:
             assert torch.equal(a, b), k
     assert same > 0.99 and moved > 0.05, (same, moved)
+
+
+def _awq_worker(out: Path, nproc: int) -> list[dict]:
+    out.mkdir()
+    worker = Path(__file__).with_name("awq_ddp_worker.py")
+    cmd = ([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc)]
+           if nproc > 1 else [sys.executable]) + [str(worker), str(out)]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr[-3000:]
+    return [torch.load(out / f"rank{i}.pt") for i in range(nproc)]
+
+
+def test_two_process_awq_folds_alike_from_all_ranks_data(tmp_path):
+    """AWQ under torchrun: the mean |x| statistics and every candidate's loss are summed over
+    ranks, so both ranks fold the same scales (identical parameters after quantize) and choose
+    as one process on all the batches would (w4a16 has no input quantization whose per-rank
+    amax could differ)."""
+    one, = _awq_worker(tmp_path / "one", 1)
+    r0, r1 = _awq_worker(tmp_path / "two", 2)
+    assert r0["alpha"] == r1["alpha"] and r0["skipped"] == r1["skipped"] == {}
+    for n, p in r0["params"].items():
+        assert torch.equal(p, r1["params"][n]), n
+    # one process on all batches samples every routed row too (no expert over awq.EXPERT_ROWS), so
+    # the summed per-rank losses are its losses in another order: the same choices
+    assert max(max(v) for v in one["tokens"].values()) <= awq.EXPERT_ROWS
+    assert r0["alpha"] == one["alpha"] and any(a is not None for a in one["alpha"].values())
+    orig = dict(tm.tiny_model("qwen3_moe", seed=0).named_parameters())
+    folded = [k for k, a in one["alpha"].items() if a is not None and k.endswith("layernorm")]
+    assert folded and all(not torch.equal(r0["params"][f"{k}.weight"], orig[f"{k}.weight"]) for k in folded)
