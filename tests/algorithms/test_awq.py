@@ -11,7 +11,7 @@ from transformers.models.qwen3_5_moe.modeling_qwen3_5_moe import Qwen3_5MoeRMSNo
 from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeRMSNorm
 
 import moeq
-from moeq.algorithms import awq, fold
+from moeq.algorithms import awq_search, fold
 
 from .helpers import fresh, tm
 
@@ -52,7 +52,7 @@ def test_search_never_worse_than_max(pristine):
     rep = moeq.quantize(m, "nvfp4", _calib(m), progress=False, algorithm="awq")
     assert rep.awq and all(g["loss"] <= g["loss_max"] for g in rep.awq.values())
     assert any(g["loss"] < g["loss_max"] for g in rep.awq.values())
-    assert torch.equal(awq.scales(torch.rand(3, 8) + 0.1, 0.0), torch.ones(3, 8))  # alpha = 0 without DUO is max
+    assert torch.equal(awq_search.scales(torch.rand(3, 8) + 0.1, 0.0), torch.ones(3, 8))  # alpha = 0 without DUO is max
 
 
 def test_a_hidden_consumer_is_caught_and_reverted(pristine):

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from moeq.algorithms import awq
+from moeq.algorithms import awq_stats
 from moeq.checkpoint.load import CheckpointReader
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -63,7 +63,7 @@ def test_two_process_awq_folds_alike_from_all_ranks_data(tmp_path, streaming):
     """AWQ under torchrun: the mean |x| statistics and every candidate's sample loss are summed
     over ranks, so both ranks choose and fold the same scales (in memory: identical parameters
     after quantize), from all ranks' rows: each group's loss at s = 1 equals one process's on
-    all batches (its rows are all in the sample: no expert over awq.EXPERT_ROWS). The chosen
+    all batches (its rows are all in the sample: no expert over awq_stats.EXPERT_ROWS). The chosen
     alphas themselves may differ from one process's at a near tie: a scale perturbed by float
     summation order can flip a rounded group scale."""
     src = None
@@ -72,7 +72,7 @@ def test_two_process_awq_folds_alike_from_all_ranks_data(tmp_path, streaming):
         tm.tiny_model("qwen3_moe", seed=0).save_pretrained(src)
     one, = _awq_worker(tmp_path / "one", 1, src)
     r0, r1 = _awq_worker(tmp_path / "two", 2, src)
-    assert max(max(v) for v in one["tokens"].values()) <= awq.EXPERT_ROWS
+    assert max(max(v) for v in one["tokens"].values()) <= awq_stats.EXPERT_ROWS
     assert r0["alpha"] == r1["alpha"] and r0["skipped"] == r1["skipped"] == {}
     assert r0["alpha"].keys() == one["alpha"].keys() and any(a is not None for a in r0["alpha"].values())
     for k, loss in one["loss_max"].items():
