@@ -97,7 +97,8 @@ def cmd_quantize_streaming(a, path: Path, out: Path, rank: int, world: int) -> i
         f"  modules              {len(report.quantized)} quantized, {len(report.excluded)} excluded",
         f"  experts never routed {never}",
         f"  size                 {_weights_bytes(path) / 2**20:.1f} MiB -> {_weights_bytes(out) / 2**20:.1f} MiB",
-        f"  expert coverage      {png}, {js}"]))
+        f"  expert coverage      {png}, {js}"] + [f"  {line}" for line in report.algorithm_lines()]
+        + [f"  warning: {w}" for w in report.warnings]))
     return 0
 
 

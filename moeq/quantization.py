@@ -56,14 +56,20 @@ class QuantReport:
             f"experts never routed: {n_never}"
             + "".join(f"\n  {k}: {v}" for k, v in self.never_routed.items() if v),
         ]
-        if self.algorithm != "max":
-            n_rtn = sum(len(v) for v in self.rtn_fallback.values())
-            lines.append(f"algorithm {self.algorithm}: {self.algorithm_seconds:.2f}s"
-                         + (f", {n_rtn} round-to-nearest fallbacks (no calibration rows)" if n_rtn else ""))
-            if "awq" in self.algorithm:
-                lines.append(f"awq: {len(self.awq)} scale groups folded, {len(self.awq_skipped)} not"
-                             + "".join(f"\n  {k}: {v}" for k, v in self.awq_skipped.items()))
-        return "\n".join(lines + [f"warning: {w}" for w in self.warnings])
+        return "\n".join(lines + self.algorithm_lines() + [f"warning: {w}" for w in self.warnings])
+
+    def algorithm_lines(self) -> list[str]:
+        """What the calibration algorithm did (none for max)."""
+        if self.algorithm == "max":
+            return []
+        n_rtn = sum(len(v) for v in self.rtn_fallback.values())
+        lines = [f"algorithm {self.algorithm}: {self.algorithm_seconds:.2f}s"
+                 + (f", {n_rtn} round-to-nearest fallbacks (no calibration rows)" if n_rtn else "")]
+        if "awq" in self.algorithm:
+            folded = sum(g["alpha"] is not None for g in self.awq.values())
+            lines.append(f"awq: {folded} scale groups folded, {len(self.awq) - folded} kept s = 1, {len(self.awq_skipped)} "
+                         f"not foldable" + "".join(f"\n  {k}: {v}" for k, v in self.awq_skipped.items()))
+        return lines
 
 
 class Session:

@@ -45,6 +45,9 @@ def test_fold_keeps_the_unquantized_function(pristine, mt):
         assert all("act(gate) * up" in rep.awq_skipped[n] for n in downs)
     else:
         assert all(n in rep.awq for n in downs)
+    folded = sum(g["alpha"] is not None for g in rep.awq.values())
+    assert (f"awq: {folded} scale groups folded, {len(rep.awq) - folded} kept s = 1, {len(rep.awq_skipped)} not "
+            f"foldable") in rep.summary()
 
 
 def test_search_never_worse_than_max(pristine):
