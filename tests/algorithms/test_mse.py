@@ -50,7 +50,8 @@ def checked_search(recipe, w, amax, ratios=mse.RATIOS):
     """The search before the scaled path: the checked whole-tensor fake quant for every ratio."""
     wf = w.float()
     if unit_amax(recipe, w) is None:
-        return torch.stack([(fake_quant_weight(recipe, w, amax * r).float() - wf).square().sum((-2, -1)) for r in ratios])
+        return torch.stack([(fake_quant_weight(recipe, w, amax * r).float() - wf).square().sum((-2, -1))
+                            for r in ratios])
     base = unit_amax(recipe, w)
     best, best_err = base, None
     for r in ratios:
