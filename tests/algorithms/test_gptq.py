@@ -80,6 +80,27 @@ def test_column_quantizer_is_the_checked_fake_quant_bit_for_bit(preset, dtype):
         assert_bits_equal(gptq.solve(w.float(), H, fast, block=64, act_order=act_order), want, f"act_order={act_order}")
 
 
+@pytest.mark.parametrize("preset", ["nvfp4", "w4a16-int4"])
+def test_linears_solved_as_stacks_equal_one_solve_each(pristine, monkeypatch, preset):
+    """solve_linears stacks the Linears of one shape into one solve; every weight is bit for bit
+    what a solve of its own gives (one Linear per call, as before the stacking)."""
+    sizes, solve, stacked = [], gptq.solve, gptq.solve_linears
+    monkeypatch.setattr(gptq, "solve", lambda w, *a, **k: sizes.append(w.shape[0]) or solve(w, *a, **k))
+    weights = {}
+    for one_each in (False, True):
+        if one_each:
+            monkeypatch.setattr(gptq, "solve_linears", lambda r, lins, rep, ao=False: [stacked(r, [x], rep, ao) for x in lins])
+        sizes.clear()
+        m = fresh(pristine("qwen3_5_moe"))
+        moeq.quantize(m, preset, [tm.random_input_ids(m, 2, 16, seed=1)], progress=False, algorithm="gptq")
+        n_linears = len(m.moeq_session.linears)
+        weights[one_each] = ({k: v.clone() for k, v in m.state_dict().items()}, list(sizes))
+    (got, stacked_sizes), (want, single_sizes) = weights[False], weights[True]
+    assert n_linears and len(stacked_sizes) < len(single_sizes)  # stacks did form
+    for k in want:
+        assert_bits_equal(got[k], want[k], k)
+
+
 def test_solve_refuses_non_finite_columns():
     recipe = moeq.get_recipe("nvfp4")
     w = torch.randn(2, 8, 64)

@@ -31,7 +31,7 @@ TIES["fp8-channel"] = TIES["fp8"]
 
 def bits(t: torch.Tensor) -> torch.Tensor:
     """The raw bits (torch.equal on floats calls -0.0 == 0.0 and NaN != NaN)."""
-    return t.view({4: torch.int32, 2: torch.int16, 1: torch.int8}[t.element_size()])
+    return t.view({8: torch.int64, 4: torch.int32, 2: torch.int16, 1: torch.int8}[t.element_size()])
 
 
 def assert_bits_equal(got: torch.Tensor, want: torch.Tensor, what: str = "") -> None:
