@@ -245,19 +245,29 @@ def solve_linears(recipe, linears: list, report, act_order: bool = False) -> Non
     for st, h, w in linears:
         groups.setdefault((tuple(w.shape), w.dtype, w.device), []).append((st, h, w))
     fallback = set()
-    for members in groups.values():
-        w = torch.stack([m[2] for m in members])
-        H = torch.cat([h.H["weight"].to(w.device) for _, h, _ in members])
-        rows = torch.cat([h.rows["weight"].to(w.device) for _, h, _ in members])
-        amax = torch.cat([st.w_amax.reshape(1).to(w.device) for st, _, _ in members])
-        ga = None if per_tensor else torch.stack([st.group_amax.to(w.device) for st, _, _ in members])
-        new, unseen = quantize_stack(recipe, w, H, rows, amax, ga, act_order)
-        for (st, _, _), q in zip(members, new):
-            st.target.module.weight.data.copy_(q)
-        fallback.update(members[i][0].target.name for i in unseen)
+    for group in groups.values():
+        n, k = group[0][2].shape
+        step = max(1, _SOLVE_CHUNK_ELEMS // max(1, n * k + 3 * k * k))  # stacks bounded as quantize_stack's chunks
+        for c in range(0, len(group), step):
+            members = group[c:c + step]
+            dev = members[0][2].device
+            w = _stack([m[2][None] for m in members])
+            H = _stack([h.H["weight"].to(dev) for _, h, _ in members])
+            rows = _stack([h.rows["weight"].to(dev) for _, h, _ in members])
+            amax = _stack([st.w_amax.reshape(1).to(dev) for st, _, _ in members])
+            ga = None if per_tensor else _stack([st.group_amax[None].to(dev) for st, _, _ in members])
+            new, unseen = quantize_stack(recipe, w, H, rows, amax, ga, act_order)
+            for (st, _, _), q in zip(members, new):
+                st.target.module.weight.data.copy_(q)
+            fallback.update(members[i][0].target.name for i in unseen)
     for st, _, _ in linears:  # in the states' order
         if st.target.name in fallback:
             report.rtn_fallback[st.target.name] = [0]
+
+
+def _stack(ts: list) -> torch.Tensor:
+    """[1, ...] tensors -> [len, ...] (a lone one as it is: no copy of a large weight)."""
+    return ts[0] if len(ts) == 1 else torch.cat(ts)
 
 
 @torch.no_grad()
