@@ -23,6 +23,18 @@ def fake_quant_weight(recipe: Recipe, w_nk: torch.Tensor, amax: torch.Tensor, gr
     return WEIGHT[recipe.weight].fake_quant(w_nk, amax, recipe.group_size, group_amax=group_amax)
 
 
+def weight_scales(recipe: Recipe, amax: torch.Tensor, group_amax, dtype: torch.dtype) -> torch.Tensor:
+    """The fixed scale of every unit, [..., N, K/g] ([..., 1, 1] per tensor: group_amax None),
+    computed once for `fake_quant_weight_scaled` (see WeightScheme.scales)."""
+    return WEIGHT[recipe.weight].scales(amax, group_amax, dtype)
+
+
+def fake_quant_weight_scaled(recipe: Recipe, x: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """x (a column, a slice, units [..., N, K/g, g]) fake-quantized elementwise with `weight_scales`
+    broadcast against it: bit for bit what fake_quant_weight gives those elements in the whole weight."""
+    return WEIGHT[recipe.weight].fake_quant_scaled(x, scales)
+
+
 def quantize_weight(recipe: Recipe, w_nk: torch.Tensor, amax: torch.Tensor, group_amax=None):
     """-> NVFP4Tensor | FP8Tensor | Int4Tensor, the on-disk pieces of one weight."""
     if group_amax is None:

@@ -52,13 +52,15 @@ def name(steps: tuple[str, ...]) -> str:
 
 
 def check_supported(steps: tuple[str, ...], recipe) -> None:
-    """Refuse a weight scheme whose sub-tensor scales cannot be fixed (no unit_amax)."""
+    """Refuse a weight scheme whose sub-tensor scales cannot be fixed (no unit_amax) or that has no
+    fixed-scale fake quant (WeightScheme.scales / fake_quant_scaled, which mse and gptq run on)."""
     from ..schemes.table import WEIGHT
 
     s = WEIGHT[recipe.weight]
-    if {"mse", "gptq"} & set(steps) and s.granularity != "tensor" and s.unit_amax is None:
+    fixable = (s.granularity == "tensor" or s.unit_amax is not None) and s.scales is not None
+    if {"mse", "gptq"} & set(steps) and not fixable:
         raise ValueError(f"calibration algorithm {name(steps)!r} needs the weight scheme {s.name!r} to accept fixed "
-                         f"per-{s.granularity} scales (WeightScheme.unit_amax); use algorithm='max' for it")
+                         f"per-{s.granularity} scales (WeightScheme.unit_amax, scales); use algorithm='max' for it")
 
 
 def run_before(session, steps: tuple[str, ...], calibrate, calib_data, report) -> None:

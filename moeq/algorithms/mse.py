@@ -7,7 +7,9 @@ the per-expert scale (a Linear sibling group q/k/v shares one ratio, its scale i
 Each unit's error depends only on its own scale, so the per-unit argmin over the grid is
 the exact minimizer on the grid; the grid starts at 1.0 (= max) and a ratio replaces it
 only when strictly better, so the error never exceeds max's. Vectorized over experts and
-units: one fake quant of the whole stack per ratio (in expert chunks).
+units: one fake quant of the whole stack per ratio (in expert chunks), with the candidate's
+scales computed once per ratio and no input checks after the first (`weight_scales`,
+`fake_quant_weight_scaled`: bit for bit the checked fake quant's values).
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from __future__ import annotations
 import torch
 
 from ..calibration_stats import full
-from ..quantizer import fake_quant_weight, unit_amax, weight_granularity
+from ..quantizer import fake_quant_weight, fake_quant_weight_scaled, unit_amax, weight_granularity, weight_scales
 
 RATIOS = tuple(round(1.0 - 0.02 * i, 2) for i in range(26))  # 1.0, 0.98, ..., 0.5
 _CHUNK_ELEMS = 1 << 22
@@ -25,12 +27,16 @@ def search_units(recipe, w_nk: torch.Tensor, amax: torch.Tensor, ratios=RATIOS) 
     """w_nk [..., N, K] (its own dtype), amax as fake_quant_weight takes it -> the best
     group_amax [..., N, K/g] (float32)."""
     base = unit_amax(recipe, w_nk)
-    groups = base.shape[-1]
-    wf = w_nk.float()
+    wu = w_nk.unflatten(-1, (base.shape[-1], -1))  # [..., N, U, K/U]: one unit per row of the last two dims
+    wf = wu.float()
     best, best_err = base, None
     for r in ratios:
         ga = base if r == 1.0 else base * r
-        err = (fake_quant_weight(recipe, w_nk, amax, ga).float() - wf).square().unflatten(-1, (groups, -1)).sum(-1)
+        if best_err is None:  # the checked fake quant once (finite, divisible), then the same arithmetic unchecked
+            fq = fake_quant_weight(recipe, w_nk, amax, ga).unflatten(-1, wu.shape[-2:])
+        else:
+            fq = fake_quant_weight_scaled(recipe, wu, weight_scales(recipe, amax, ga, w_nk.dtype).unsqueeze(-1))
+        err = _sq_err(fq, wf).sum(-1)
         if best_err is None:
             best_err = err
             continue
@@ -44,8 +50,19 @@ def tensor_errors(recipe, w_nk: torch.Tensor, amax: torch.Tensor, ratios=RATIOS)
     """Per-tensor schemes: [len(ratios), E] error of w_nk [E, N, K] with amax [E] * ratio
     (or [len(ratios)] for a 2-D weight and a scalar amax)."""
     wf = w_nk.float()
-    dims = (-2, -1)
-    return torch.stack([(fake_quant_weight(recipe, w_nk, amax * r).float() - wf).square().sum(dims) for r in ratios])
+    errs = []
+    for r in ratios:
+        if not errs:  # checked once
+            fq = fake_quant_weight(recipe, w_nk, amax * r)
+        else:
+            fq = fake_quant_weight_scaled(recipe, w_nk, weight_scales(recipe, amax * r, None, w_nk.dtype))
+        errs.append(_sq_err(fq, wf).sum((-2, -1)))
+    return torch.stack(errs)
+
+
+def _sq_err(fq: torch.Tensor, wf: torch.Tensor) -> torch.Tensor:
+    """(fq - wf)^2 in float32, in place: fq (and so fq.float()) is a fresh fake-quant result."""
+    return fq.float().sub_(wf).square_()
 
 
 def _pick(errs: torch.Tensor, ratios=RATIOS) -> torch.Tensor:

@@ -61,6 +61,15 @@ def fake_quant_with_scale(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     return _FQ(rows(x), per_row(scale, x)).reshape(x.shape)
 
 
+def fake_quant_scaled(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """x (any shape) fake-quantized elementwise with a float32 scale (`scale_from_amax`) broadcast
+    against it, without checks: `fake_quant`'s arithmetic, so a column or any slice gives bit for
+    bit the values it has in the whole tensor. One scale per row: the fused kernel, as `fake_quant`."""
+    if scale.shape[-1:] == (1,) and scale.dim() <= x.dim():
+        return fake_quant_with_scale(x, scale)
+    return _fq_rows(x, scale)
+
+
 def _scale(amax: torch.Tensor, e4m3_max: torch.Tensor) -> torch.Tensor:
     return torch.where(amax > 0, (amax / e4m3_max).clamp(min=2.0**-126), torch.ones_like(amax))
 

@@ -27,19 +27,26 @@ class Int4Tensor(NamedTuple):
     scale: torch.Tensor  # scale_dtype [..., N, K / group_size]
 
 
+def fixed_scales(group_amax: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """group_amax [..., N, K/g] -> the groups' scales in `dtype` (group_amax / 7.5; 1 for an all-zero group)."""
+    scale = div(group_amax.float(), _HALF_RANGE).to(dtype)
+    return torch.where(scale == 0, torch.ones_like(scale), scale)
+
+
 def _group_scale(x: torch.Tensor, group_size: int, scale_dtype, group_amax=None) -> torch.Tensor:
     if group_amax is None:
-        gamax = x.unflatten(-1, (x.shape[-1] // group_size, group_size)).abs().amax(dim=-1)
-    else:
-        gamax = group_amax
-    scale = div(gamax.float(), _HALF_RANGE).to(scale_dtype or x.dtype)
-    return torch.where(scale == 0, torch.ones_like(scale), scale)
+        group_amax = x.unflatten(-1, (x.shape[-1] // group_size, group_size)).abs().amax(dim=-1)
+    return fixed_scales(group_amax, scale_dtype or x.dtype)
+
+
+def _round(xf: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """float32 x / scale (broadcast) -> int8 codes, elementwise."""
+    return torch.round(xf / scale.float()).clamp(QMIN, QMAX).to(torch.int8)
 
 
 def _codes(x: torch.Tensor, scale: torch.Tensor, group_size: int) -> torch.Tensor:
     xg = x.float().unflatten(-1, (x.shape[-1] // group_size, group_size))
-    q = torch.round(xg / scale.float().unsqueeze(-1)).clamp(QMIN, QMAX)
-    return q.flatten(-2).to(torch.int8)
+    return _round(xg, scale.unsqueeze(-1)).flatten(-2)
 
 
 def quantize(x: torch.Tensor, group_size: int = GROUP_SIZE, scale_dtype=None, group_amax=None) -> Int4Tensor:
@@ -60,6 +67,13 @@ def dequantize(codes: torch.Tensor, scale: torch.Tensor, dtype=torch.float32) ->
 def fake_quant(x: torch.Tensor, group_size: int = GROUP_SIZE, scale_dtype=None, group_amax=None) -> torch.Tensor:
     q = quantize(x, group_size, scale_dtype, group_amax)
     return dequantize(q.codes, q.scale, x.dtype)
+
+
+def fake_quant_scaled(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """x (any shape) fake-quantized elementwise with `fixed_scales` broadcast against it, in x's
+    dtype, no checks: the arithmetic of `fake_quant` (codes through int8, so -0.0 comes back +0.0),
+    so a column or any slice gives bit for bit the values it has in the whole tensor."""
+    return (_round(x.float(), scale).to(scale.dtype) * scale).to(x.dtype)
 
 
 def pack(codes: torch.Tensor) -> torch.Tensor:

@@ -81,11 +81,19 @@ def dequantize(codes, block_scale, global_scale, dtype=torch.float32, block_size
     return (vals * eff.unsqueeze(-1)).flatten(-2).to(dtype)
 
 
+def _eff_scale(gs: torch.Tensor, block_amax: torch.Tensor, fp4_max: torch.Tensor) -> torch.Tensor:
+    """Each block's effective scale, E4M3 block scale / gs (1 / gs for an all-zero block), float32."""
+    bs = (gs * (block_amax / fp4_max)).clamp(SCALE_FLOOR, E4M3_MAX).to(torch.float8_e4m3fn)
+    return torch.where(block_amax == 0, 1.0, bs.float()) / gs
+
+
+def _fq_with_eff(xf: torch.Tensor, eff: torch.Tensor) -> torch.Tensor:
+    return fp4.round_to_values(xf / eff) * eff
+
+
 def _fq_with_amax(xf: torch.Tensor, gs: torch.Tensor, block_amax: torch.Tensor, fp4_max: torch.Tensor) -> torch.Tensor:
     """xf [R, K/B, B] float32, block_amax [R, K/B, 1] -> fake quant in float32."""
-    bs = (gs * (block_amax / fp4_max)).clamp(SCALE_FLOOR, E4M3_MAX).to(torch.float8_e4m3fn)
-    eff = torch.where(block_amax == 0, 1.0, bs.float()) / gs
-    return fp4.round_to_values(xf / eff) * eff
+    return _fq_with_eff(xf, _eff_scale(gs, block_amax, fp4_max))
 
 
 def _fq_blocks(xb: torch.Tensor, gs: torch.Tensor, fp4_max: torch.Tensor) -> torch.Tensor:
@@ -115,6 +123,22 @@ def fake_quant(x: torch.Tensor, amax, block_size: int = BLOCK_SIZE, block_amax=N
     """dequantize(quantize(x)), bit-exactly, in x's dtype."""
     check_input(x, block_size)
     return fake_quant_with_global_scale(x, global_scale(expand_amax(amax, x)), block_size, block_amax)
+
+
+def fixed_scales(amax, block_amax: torch.Tensor) -> torch.Tensor:
+    """The effective scale (block scale / global scale) of every block, float32 [..., N, K/B], from
+    the per-tensor amax (covering a prefix of block_amax's dims) and a fixed block_amax
+    [..., N, K/B]: what `fake_quant(x, amax, block_amax=block_amax)` scales each block by."""
+    block_amax = block_amax.float()
+    gs = global_scale(expand_amax(amax, block_amax))
+    return _eff_scale(gs, block_amax, const(fp4.FP4_MAX, block_amax.device))
+
+
+def fake_quant_scaled(x: torch.Tensor, eff: torch.Tensor) -> torch.Tensor:
+    """x (any shape) fake-quantized elementwise with `fixed_scales` broadcast against it, in x's
+    dtype, no checks: the arithmetic of `fake_quant` with block_amax, so a column or any slice
+    gives bit for bit the values it has in the whole tensor (tests/schemes/test_scaled_fake_quant.py)."""
+    return _fq_with_eff(x.float(), eff).to(x.dtype)
 
 
 pack = fp4.pack

@@ -24,6 +24,11 @@ def _fake_quant(w, amax, group_size):
     return fp8.fake_quant(w, amax)
 
 
+def _scales(amax, group_amax, dtype):
+    s = fp8.scale_from_amax(amax)
+    return s.reshape(s.shape + (1, 1))  # amax [...] -> [..., 1, 1]: one unit, the whole [N, K]
+
+
 def _tensors(layout, q, amax, n_k):
     return {"weight": q.codes, "weight_scale": fp8.scale_from_amax(amax).reshape(_scalar(layout))}
 
@@ -39,7 +44,7 @@ def _check(c, layout, group_size):
 
 
 WEIGHT = WeightScheme("fp8", "tensor", lambda g: 1, _quantize, _fake_quant, _tensors, _read, _check,
-                      ct_format="float-quantized")
+                      ct_format="float-quantized", scales=_scales, fake_quant_scaled=fp8.fake_quant_scaled)
 
 
 def _input_tensors(layout, amax):

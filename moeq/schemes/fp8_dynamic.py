@@ -41,6 +41,10 @@ def _unit_amax(w, group_size):
     return row_amax(w).unsqueeze(-1)  # [..., N, 1]: one unit = one row
 
 
+def _scales(amax, group_amax, dtype):
+    return fp8.scale_from_amax(group_amax)  # [..., N, 1]
+
+
 def _tensors(layout, q, amax, n_k):
     return {"weight": q.codes, "weight_scale": q.scale}
 
@@ -57,7 +61,8 @@ def _check(c, layout, group_size):
 
 
 WEIGHT = WeightScheme("fp8-channel", "channel", lambda g: 1, _quantize, _fake_quant, _tensors, _read, _check,
-                      ct_format="float-quantized", unit_amax=_unit_amax)
+                      ct_format="float-quantized", unit_amax=_unit_amax, scales=_scales,
+                      fake_quant_scaled=fp8.fake_quant_scaled)
 
 
 def fake_quant_per_token(x: torch.Tensor, param=None) -> torch.Tensor:

@@ -24,6 +24,10 @@ def _fake_quant(w, amax, group_size, group_amax=None):
     return int4.fake_quant(w, _group(w, group_size, group_amax), group_amax=group_amax)
 
 
+def _scales(amax, group_amax, dtype):
+    return int4.fixed_scales(group_amax, dtype)
+
+
 def _tensors(layout, q, amax, n_k):
     return {"weight_packed": int4.pack(q.codes), "weight_scale": q.scale,
             "weight_shape": torch.tensor(n_k, dtype=torch.int64)}
@@ -53,4 +57,5 @@ def _check(c, layout, group_size):
 
 
 WEIGHT = WeightScheme("int4", "group", lambda g: g, _quantize, _fake_quant, _tensors, _read, _check,
-                      ct_format="pack-quantized", unit_amax=group_abs_amax)
+                      ct_format="pack-quantized", unit_amax=group_abs_amax, scales=_scales,
+                      fake_quant_scaled=int4.fake_quant_scaled)

@@ -29,6 +29,10 @@ def _unit_amax(w, group_size):
     return group_abs_amax(w, nvfp4.BLOCK_SIZE)
 
 
+def _scales(amax, group_amax, dtype):
+    return nvfp4.fixed_scales(amax, group_amax)
+
+
 def _tensors(layout, q, amax, n_k):
     ct = layout == CT
     out = {"weight_packed" if ct else "weight": nvfp4.pack(q.codes), "weight_scale": q.block_scale}
@@ -57,7 +61,8 @@ def _check(c, layout, group_size):
 
 
 WEIGHT = WeightScheme("nvfp4", "tensor_group", lambda g: g, _quantize, _fake_quant, _tensors, _read, _check,
-                      ct_format="nvfp4-pack-quantized", unit_amax=_unit_amax)
+                      ct_format="nvfp4-pack-quantized", unit_amax=_unit_amax, scales=_scales,
+                      fake_quant_scaled=nvfp4.fake_quant_scaled)
 
 
 def _input_tensors(layout, amax):

@@ -42,6 +42,15 @@ class WeightScheme:
         in quantize / fake_quant (g = K / group_amax.shape[-1]) instead of the weight's own:
         how calibration algorithms (moeq.algorithms) fix or clip those scales. None for
         "tensor" granularity, where `amax` is the only scale parameter.
+    scales(amax, group_amax, dtype) -> s [..., N, U]: the fixed scale of every unit, computed once
+        (group_amax [..., N, U] from unit_amax or an algorithm; "tensor": group_amax None, amax [...]
+        covering all of w's dims but N, K -> s [..., 1, 1]). A unit is K/U consecutive elements.
+    fake_quant_scaled(x, s) -> x fake-quantized elementwise with s broadcast against it, x's dtype,
+        no checks. For w [..., N, K] with U | K:
+            fake_quant(w, amax, g, group_amax) == fake_quant_scaled(w.unflatten(-1, (U, -1)),
+                scales(amax, group_amax, w.dtype).unsqueeze(-1)).flatten(-2)   bit for bit,
+        so one column (GPTQ) or one candidate clipping (MSE) costs no checks or scale arithmetic.
+        Both None where algorithms are refused (`algorithms.check_supported`).
     """
 
     name: str
@@ -56,6 +65,8 @@ class WeightScheme:
     rows: int = 1  # row alignment: checkpoint modules split from one weight, and modules an engine
     # fuses (all but the last), must have N divisible by this (block scales span rows)
     unit_amax: Callable | None = None
+    scales: Callable | None = None
+    fake_quant_scaled: Callable[..., torch.Tensor] | None = None
 
 
 @dataclass(frozen=True)

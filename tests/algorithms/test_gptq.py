@@ -11,6 +11,8 @@ import moeq
 from moeq.algorithms import gptq
 from moeq.quantizer import fake_quant_weight, unit_amax
 
+from schemes.helpers import assert_bits_equal, edge_case_weights
+
 from .helpers import HessianSpy, fresh, record_calls, routed_rows, tm, unfused
 
 
@@ -37,6 +39,75 @@ def reference_gptq(recipe, w: torch.Tensor, H: torch.Tensor, amax, group_amax) -
         err = (W[:, j] - q) / U[j, j]
         W[:, j:] -= err[:, None] * U[j, j:][None, :]
     return Q
+
+
+def checked_column_quantizer(recipe, dtype, amax, group_amax, k):
+    """The column quantizer before the scales were computed once: each column [E, N] through the
+    whole checked fake quant (checks, scale arithmetic, rounding), its unit's amax gathered."""
+    g = None if group_amax is None else k // group_amax.shape[-1]
+
+    def quant_col(col, j):
+        x = col.to(dtype).unsqueeze(-1)
+        if group_amax is None:
+            return fake_quant_weight(recipe, x, amax).float().squeeze(-1)
+        idx = (j // g)[:, None, None].expand(col.shape[0], col.shape[1], 1)
+        return fake_quant_weight(recipe, x, amax, group_amax.gather(2, idx)).float().squeeze(-1)
+
+    return quant_col
+
+
+@pytest.mark.parametrize("preset", ["nvfp4", "w4a16-int4", "fp8", "fp8-dynamic"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_column_quantizer_is_the_checked_fake_quant_bit_for_bit(preset, dtype):
+    """Every column (a different one per expert, as act-order picks them; ties, saturation, zero
+    units: tests/schemes/helpers.py), and the whole solve, plain and act-order, are bit for bit
+    what the checked per-column fake quant gives."""
+    recipe = moeq.get_recipe(preset)
+    w, amax, ga = edge_case_weights(recipe.weight, dtype, recipe.group_size)
+    E, N, K = w.shape
+    fast, checked = (q(recipe, dtype, amax, ga, K) for q in (gptq.column_quantizer, checked_column_quantizer))
+    g = torch.Generator().manual_seed(1)
+    perm = torch.stack([torch.randperm(K, generator=g) for _ in range(E)])
+    for i in range(K):
+        j = perm[:, i]
+        col = w.gather(2, j[:, None, None].expand(E, N, 1)).squeeze(-1).float()
+        assert_bits_equal(fast(col, j), checked(col, j), f"column {i}")
+    x = torch.randn(E, 96, K, generator=g) * torch.rand(K, generator=g) * 3
+    x[1, :, 5] = 0  # a dead input channel
+    H = x.transpose(1, 2) @ x
+    for act_order in (False, True):
+        want = gptq.solve(w.float(), H, checked, block=64, act_order=act_order)
+        assert_bits_equal(gptq.solve(w.float(), H, fast, block=64, act_order=act_order), want, f"act_order={act_order}")
+
+
+@pytest.mark.parametrize("preset", ["nvfp4", "w4a16-int4"])
+def test_linears_solved_as_stacks_equal_one_solve_each(pristine, monkeypatch, preset):
+    """solve_linears stacks the Linears of one shape into one solve; every weight is bit for bit
+    what a solve of its own gives (one Linear per call, as before the stacking)."""
+    sizes, solve, stacked = [], gptq.solve, gptq.solve_linears
+    monkeypatch.setattr(gptq, "solve", lambda w, *a, **k: sizes.append(w.shape[0]) or solve(w, *a, **k))
+    weights = {}
+    for one_each in (False, True):
+        if one_each:
+            monkeypatch.setattr(gptq, "solve_linears", lambda r, lins, rep, ao=False: [stacked(r, [x], rep, ao) for x in lins])
+        sizes.clear()
+        m = fresh(pristine("qwen3_5_moe"))
+        moeq.quantize(m, preset, [tm.random_input_ids(m, 2, 16, seed=1)], progress=False, algorithm="gptq")
+        n_linears = len(m.moeq_session.linears)
+        weights[one_each] = ({k: v.clone() for k, v in m.state_dict().items()}, list(sizes))
+    (got, stacked_sizes), (want, single_sizes) = weights[False], weights[True]
+    assert n_linears and len(stacked_sizes) < len(single_sizes)  # stacks did form
+    for k in want:
+        assert_bits_equal(got[k], want[k], k)
+
+
+def test_solve_refuses_non_finite_columns():
+    recipe = moeq.get_recipe("nvfp4")
+    w = torch.randn(2, 8, 64)
+    amax, ga = w.abs().amax((1, 2)), unit_amax(recipe, w)
+    w[1, 3, 40] = float("inf")  # after the scales: only the solve sees it
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        gptq.solve(w, torch.eye(64).expand(2, 64, 64), gptq.column_quantizer(recipe, w.dtype, amax, ga, 64))
 
 
 @pytest.mark.parametrize("preset", ["w4a16-int4", "nvfp4", "fp8"])
