@@ -53,23 +53,6 @@ def test_streaming_algorithm_equals_in_memory(tmp_path, model_type, recipe, layo
         assert_same_checkpoint(tmp_path / "stream", tmp_path / "max")
 
 
-def test_streaming_gptq_resumes_with_both_streams(tmp_path):
-    """Interrupted after layer 1, the resumed GPTQ run continues from the saved unquantized AND
-    quantized hidden states: the export equals an uninterrupted run."""
-    src, model = _src(tmp_path, "qwen3_5_moe")
-    calib = [tm.random_input_ids(model, batch=2, seq=16, seed=s) for s in range(2)]
-    quantize_streaming(src, "nvfp4", calib, tmp_path / "full", progress=False, algorithm="gptq")
-    with pytest.raises(KeyboardInterrupt):
-        quantize_streaming(src, "nvfp4", calib, tmp_path / "resumed", progress=False, algorithm="gptq",
-                           stop_after_layers=1)
-    partial = tmp_path / ".resumed.moeq-partial"
-    assert json.loads((partial / "progress.json").read_text())["done"] == 1
-    with pytest.raises(ResumeMismatch, match="algorithm"):  # another algorithm never continues this one
-        quantize_streaming(src, "nvfp4", calib, tmp_path / "resumed", progress=False, algorithm="max")
-    quantize_streaming(src, "nvfp4", calib, tmp_path / "resumed", progress=False, algorithm="gptq")
-    assert_same_checkpoint(tmp_path / "full", tmp_path / "resumed")
-
-
 def _assert_close_checkpoints(a: Path, b: Path) -> None:
     """Same tensors; floats equal to float rounding, quantized codes (and FP8 scales) equal but
     for rare rounding flips."""
@@ -114,14 +97,20 @@ def test_streaming_awq_matches_in_memory(tmp_path, model_type, recipe, layout, a
         assert not torch.allclose(stream[k].float(), source[k].float(), rtol=1e-3), k
 
 
-def test_streaming_awq_resumes(tmp_path):
-    """Interrupted after layer 1, the resumed AWQ run (layer 0's folds already exported, layer
-    1's statistics from the saved stream) equals an uninterrupted run."""
-    src, model = _src(tmp_path, "qwen3_moe")
+@pytest.mark.parametrize("model_type,algorithm", [("qwen3_5_moe", "gptq"), ("qwen3_moe", "awq")])
+def test_streaming_algorithm_resumes(tmp_path, model_type, algorithm):
+    """Interrupted after layer 1, the resumed run equals an uninterrupted one. GPTQ continues
+    from the saved unquantized AND quantized hidden states; AWQ from layer 0's folds already
+    exported and the saved stream of the folded layer. Another algorithm never continues it."""
+    src, model = _src(tmp_path, model_type)
     calib = [tm.random_input_ids(model, batch=2, seq=16, seed=s) for s in range(2)]
-    quantize_streaming(src, "nvfp4", calib, tmp_path / "full", progress=False, algorithm="awq")
+    quantize_streaming(src, "nvfp4", calib, tmp_path / "full", progress=False, algorithm=algorithm)
     with pytest.raises(KeyboardInterrupt):
-        quantize_streaming(src, "nvfp4", calib, tmp_path / "resumed", progress=False, algorithm="awq",
+        quantize_streaming(src, "nvfp4", calib, tmp_path / "resumed", progress=False, algorithm=algorithm,
                            stop_after_layers=1)
-    quantize_streaming(src, "nvfp4", calib, tmp_path / "resumed", progress=False, algorithm="awq")
+    partial = tmp_path / ".resumed.moeq-partial"
+    assert json.loads((partial / "progress.json").read_text())["done"] == 1
+    with pytest.raises(ResumeMismatch, match="algorithm"):
+        quantize_streaming(src, "nvfp4", calib, tmp_path / "resumed", progress=False, algorithm="max")
+    quantize_streaming(src, "nvfp4", calib, tmp_path / "resumed", progress=False, algorithm=algorithm)
     assert_same_checkpoint(tmp_path / "full", tmp_path / "resumed")
