@@ -1,5 +1,7 @@
 """Measured quality of every preset on the demo model: perplexity, KL and top-1 agreement
-against the unquantized model on the held-out split. Prints the README's quality table.
+against the unquantized model on the held-out split, with each algorithm's calibration time
+and moeq.quantize's peak memory above its start (RSS sampled every 1 ms on CPU, the
+allocator's peak on CUDA). Prints the README's quality table.
 
     python scripts/quality_table.py [--samples 64] [--eval-samples 64] [--seq-len 256]
     python scripts/quality_table.py --presets nvfp4,w4a16-int4 --algorithm max,mse,gptq,mse+gptq
@@ -15,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import sys
 import time
 from pathlib import Path
 
@@ -24,6 +27,9 @@ import transformers
 import moeq
 from moeq import data as D
 from moeq.evaluate import compare
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+from peak_memory import PeakMemory  # noqa: E402
 
 
 def main(argv=None):
@@ -62,30 +68,32 @@ def main(argv=None):
         for alg in algorithms:
             t = time.perf_counter()
             m = copy.deepcopy(base)
-            rep = moeq.quantize(m, preset, calib, progress=False, algorithm=alg)
+            with PeakMemory(next(base.parameters()).device.type) as pm:
+                rep = moeq.quantize(m, preset, calib, progress=False, algorithm=alg)
             r = compare(base, m, evalb)
             calib_s = rep.calib_seconds + rep.algorithm_seconds
-            rows.append((preset, alg, r, calib_s))
-            print(f"{preset} {alg}: {r.as_dict()} calibration {calib_s:.1f}s ({time.perf_counter() - t:.0f}s)", flush=True)
+            rows.append((preset, alg, r, calib_s, pm.peak / 2**20))
+            print(f"{preset} {alg}: {r.as_dict()} calibration {calib_s:.1f}s, peak +{pm.peak / 2**20:.0f} MiB "
+                  f"({time.perf_counter() - t:.0f}s)", flush=True)
         if a.inputs_only and moeq.get_recipe(preset).input is not None:
             m = copy.deepcopy(base)
             rep = moeq.quantize(m, preset, calib, progress=False)
             for st in [*m.moeq_session.experts, *m.moeq_session.linears.values()]:
                 st.weights_are_fake_quant = True  # the forward then uses the parameters as they are: unquantized
             r = compare(base, m, evalb)
-            rows.append((preset, "inputs only", r, rep.calib_seconds))
+            rows.append((preset, "inputs only", r, rep.calib_seconds, float("nan")))
             print(f"{preset} inputs only: {r.as_dict()}", flush=True)
     show_alg = algorithms != ["max"] or a.inputs_only
     head = "| preset |" + (" algorithm |" if show_alg else "")
     print(f"\n{head} perplexity | Δ ppl | KL(base‖quant) nats/token | top-1 agreement |"
-          + (" calibration s |" if show_alg else "") + "\n|---|" + ("---|" if show_alg else "") + "---|---|---|---|"
-          + ("---|" if show_alg else ""))
+          + (" calibration s | quantize peak MiB |" if show_alg else "") + "\n|---|" + ("---|" if show_alg else "")
+          + "---|---|---|---|" + ("---|---|" if show_alg else ""))
     print(f"| unquantized ({a.dtype}) |" + (" |" if show_alg else "") + f" {rows[0][2].ppl_base:.3f} | — | — | — |"
-          + (" |" if show_alg else ""))
-    for preset, alg, r, calib_s in rows:
+          + (" | |" if show_alg else ""))
+    for preset, alg, r, calib_s, peak in rows:
         print(f"| {preset} |" + (f" {alg} |" if show_alg else "")
               + f" {r.ppl_quant:.3f} | {r.ppl_quant - r.ppl_base:+.3f} | {r.kl:.4f} | {100 * r.top1_agreement:.1f}% |"
-              + (f" {calib_s:.1f} |" if show_alg else ""))
+              + (f" {calib_s:.1f} | {peak:.0f} |" if show_alg else ""))
     print(f"\n{rows[0][2].tokens} evaluated tokens; command: python scripts/quality_table.py "
           + (f"--model {a.model} " if other_model else "")
           + f"--samples {a.samples} --eval-samples {a.eval_samples} --seq-len {a.seq_len}"
