@@ -9,6 +9,9 @@ calibration batch. Then, per layer: materialize its weights, run it on the recor
 inputs with moeq's interception collecting statistics (unquantized, as in the in-memory
 path), quantize it, write its tensors to the export, free it, and pass its outputs on.
 Peak memory is about one layer plus the calibration activations, whatever the model size.
+Calibration algorithms (moeq.algorithms) run per layer too: awq before the layer's calibration
+(its folded norms and routers are written from memory, `_run_awq`), mse and gptq after it
+(gptq on a second, quantized stream of hidden states, `_run_algorithms`).
 
 Resumable: the export is assembled in `.<out>.moeq-partial/` next to the destination
 with a checksummed manifest and the activations after the last finished layer
