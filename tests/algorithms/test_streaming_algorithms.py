@@ -114,3 +114,33 @@ def test_streaming_algorithm_resumes(tmp_path, model_type, algorithm):
         quantize_streaming(src, "nvfp4", calib, tmp_path / "resumed", progress=False, algorithm="max")
     quantize_streaming(src, "nvfp4", calib, tmp_path / "resumed", progress=False, algorithm=algorithm)
     assert_same_checkpoint(tmp_path / "full", tmp_path / "resumed")
+
+
+def test_streaming_awq_crash_inside_a_layer_resumes_clean(tmp_path, monkeypatch):
+    """A failure in the middle of layer 1's AWQ (its folds applied in memory, nothing of the layer
+    written): no output directory appears, and the re-run resumes at layer 1 from the checkpoint's
+    unfolded weights and equals an uninterrupted run."""
+    from moeq.algorithms import awq
+
+    src, model = _src(tmp_path, "qwen3_moe")
+    calib = [tm.random_input_ids(model, batch=2, seq=16, seed=s) for s in range(2)]
+    quantize_streaming(src, "nvfp4", calib, tmp_path / "full", progress=False, algorithm="awq")
+    fold, calls = awq.fold_layers, []
+
+    def fold_then_fail(c, check, report):
+        edited = fold(c, check, report)
+        calls.append(len(edited))
+        if len(calls) == 2:
+            raise RuntimeError("injected failure after layer 1's folds")
+        return edited
+
+    monkeypatch.setattr(awq, "fold_layers", fold_then_fail)
+    with pytest.raises(RuntimeError, match="injected"):
+        quantize_streaming(src, "nvfp4", calib, tmp_path / "resumed", progress=False, algorithm="awq")
+    assert calls[1] > 0  # layer 1 had folded something before failing
+    assert not (tmp_path / "resumed").exists()
+    progress = json.loads((tmp_path / ".resumed.moeq-partial" / "progress.json").read_text())
+    assert progress["done"] == 1  # layer 0 committed: the re-run resumes at layer 1
+    monkeypatch.setattr(awq, "fold_layers", fold)
+    quantize_streaming(src, "nvfp4", calib, tmp_path / "resumed", progress=False, algorithm="awq")
+    assert_same_checkpoint(tmp_path / "full", tmp_path / "resumed")
