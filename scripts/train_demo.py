@@ -125,23 +125,12 @@ MODEL_CONFIG = dict(
 
 # Second model: plain Qwen3-MoE with about the demo's parameter budget.  Every quantizable
 # weight has K = 256 (hidden; o_proj K = 4*64) or 128 (expert down_proj).
-QWEN3_MOE_CONFIG = dict(
-    vocab_size=4096,
-    hidden_size=256,
-    num_hidden_layers=4,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    head_dim=64,
-    num_experts=16,
-    num_experts_per_tok=4,
-    moe_intermediate_size=128,
+_SHARED_WITH_DEMO = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+                     "head_dim", "num_experts", "num_experts_per_tok", "moe_intermediate_size", "router_aux_loss_coef",
+                     "max_position_embeddings", "tie_word_embeddings", "rms_norm_eps", "initializer_range")
+QWEN3_MOE_CONFIG = {k: MODEL_CONFIG[k] for k in _SHARED_WITH_DEMO} | dict(
     norm_topk_prob=True,
     intermediate_size=512,  # dense MLP size, unused: every layer is MoE (decoder_sparse_step 1)
-    router_aux_loss_coef=0.01,
-    max_position_embeddings=2048,
-    tie_word_embeddings=False,
-    rms_norm_eps=1e-6,
-    initializer_range=0.02,
 )
 
 
